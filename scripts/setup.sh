@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Create .venv/ in the checkout (if missing) and install megatron-erc with the given extras.
+# torch==2.13.0 goes in first and every later install is constrained to it, so no package
+# can drag in a multi-GB CUDA build of torch on a CPU machine.
+# Usage: scripts/setup.sh [extras]   e.g. scripts/setup.sh dev
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-}"
+py="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    echo "[setup] creating .venv with $($py --version)"
+    "$py" -m venv .venv
+fi
+pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
+if ! .venv/bin/python -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' 2>/dev/null; then
+    echo "[setup] installing torch==2.13.0"
+    "${pip[@]}" install torch==2.13.0
+fi
+spec="."
+[ -n "$extras" ] && spec=".[$extras]"
+stamp=".venv/.megatron-erc-$(echo "$extras" | tr ',' '-')-$(cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)"
+if [ ! -f "$stamp" ]; then
+    echo "[setup] installing megatron-erc$([ -n "$extras" ] && echo "[$extras]") (constrained to torch==2.13.0)"
+    "${pip[@]}" install -c constraints.txt -e "$spec"
+    touch "$stamp"
+fi
