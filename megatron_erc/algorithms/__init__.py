@@ -1,0 +1,40 @@
+"""Pure tensor math for RL post-training: policy losses (DAPO clip-higher, GPPO / CE-GPPO,
+dual clip, TIS), the ERC mask, GRPO advantages and DAPO's sampling filters.
+
+No torch.distributed, no Megatron parallel state: callers pass global token counts in.
+"""
+
+from megatron_erc.algorithms.advantages import group_index, grpo_advantages
+from megatron_erc.algorithms.config import ErcConfig, OverlongConfig, PolicyLossConfig
+from megatron_erc.algorithms.erc import entropy_ratio, erc_keep_mask, stop_gradient_outside
+from megatron_erc.algorithms.losses import (
+    NON_ADDITIVE_METRICS,
+    policy_loss,
+    positive_nll,
+    positive_token_mask,
+)
+from megatron_erc.algorithms.sampling import (
+    GroupFilterResult,
+    apply_overlong_shaping,
+    dynamic_sampling_filter,
+    overlong_penalty,
+)
+
+__all__ = [
+    "NON_ADDITIVE_METRICS",
+    "ErcConfig",
+    "GroupFilterResult",
+    "OverlongConfig",
+    "PolicyLossConfig",
+    "apply_overlong_shaping",
+    "dynamic_sampling_filter",
+    "entropy_ratio",
+    "erc_keep_mask",
+    "group_index",
+    "grpo_advantages",
+    "overlong_penalty",
+    "policy_loss",
+    "positive_nll",
+    "positive_token_mask",
+    "stop_gradient_outside",
+]
