@@ -8,12 +8,14 @@ traceback.
 
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
 import os
 import queue
 import tempfile
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -32,12 +34,24 @@ def _worker(fn: Callable, rank: int, world_size: int, store_path: str, args: tup
     try:
         store = dist.FileStore(store_path, world_size)
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
-        out = fn(rank, world_size, *args, **kwargs)
-        results.put((rank, True, out))
+        out = fn(rank, world_size, *_unpack(args), **_unpack(kwargs))
+        results.put((rank, True, _pack(out)))
     except BaseException:  # noqa: BLE001 - the traceback is the whole point
         results.put((rank, False, traceback.format_exc()))
     finally:
         _teardown()
+
+
+def _pack(obj: Any) -> bytes:
+    # Tensors sent through a multiprocessing queue travel as shared-memory handles that die
+    # with the sending process; serialise them to bytes instead.
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _unpack(data: bytes) -> Any:
+    return torch.load(io.BytesIO(data), weights_only=True)
 
 
 def _teardown() -> None:
@@ -65,8 +79,8 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any,
     with tempfile.TemporaryDirectory(prefix="erc-dist-") as tmp:
         store_path = os.path.join(tmp, "store")
         procs = [
-            ctx.Process(target=_worker, args=(fn, r, world_size, store_path, args, kwargs,
-                                              results, threads), daemon=False)
+            ctx.Process(target=_worker, args=(fn, r, world_size, store_path, _pack(args),
+                                              _pack(kwargs), results, threads), daemon=False)
             for r in range(world_size)
         ]
         for p in procs:
@@ -81,7 +95,10 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any,
                     missing = sorted(set(range(world_size)) - set(outputs) - set(failures))
                     raise RankFailed(f"ranks {missing} did not finish within {timeout:.0f} s"
                                      + _describe(failures)) from None
-                (outputs if ok else failures)[rank] = payload
+                if ok:
+                    outputs[rank] = _unpack(payload)
+                else:
+                    failures[rank] = payload
                 if failures:
                     # One rank failed: its peers are likely blocked in a collective.
                     break

@@ -1,0 +1,188 @@
+"""Build megatron-core ``GPTModel`` s from Hugging Face Llama / Qwen2 configs.
+
+The mapping covers what these families need: RMSNorm, SwiGLU, RoPE with the config's
+theta, grouped-query attention, Qwen2's qkv bias, tied or untied embeddings, and a
+vocabulary padded to a multiple of ``pad_multiple * tp`` (megatron shards the embedding and
+output layer evenly; the padding rows are masked out of every probability downstream).
+Transformer Engine's layer spec is used when TE is importable, the local spec otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+
+
+@dataclasses.dataclass(kw_only=True)
+class ParallelConfig:
+    """How a model is split across ranks."""
+
+    tp: int = 1
+    """Tensor-parallel size: attention heads, MLP and vocabulary are sharded over it."""
+    pp: int = 1
+    """Pipeline-parallel size: layers are split into ``pp`` stages."""
+    vpp: int | None = None
+    """Virtual pipeline stages per pipeline rank (interleaved schedule); None = off."""
+    sequence_parallel: bool = False
+    """Shard activations outside attention/MLP along the sequence over the TP group."""
+    pad_vocab_multiple: int = 128
+    """The vocabulary is padded to a multiple of ``pad_vocab_multiple * tp``."""
+    params_dtype: str = "float32"
+    """Parameter dtype: float32 or bfloat16."""
+
+    def __post_init__(self):
+        for name in ("tp", "pp", "pad_vocab_multiple"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        if self.vpp is not None and (self.vpp < 2 or self.pp < 2):
+            raise ValueError("parallel.vpp (virtual pipeline stages) needs pp >= 2 and vpp >= 2; "
+                             f"got pp={self.pp}, vpp={self.vpp}. Set vpp to null to disable it.")
+        if self.sequence_parallel and self.tp == 1:
+            raise ValueError("parallel.sequence_parallel needs tp >= 2; set it to false at tp=1")
+        if self.params_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"parallel.params_dtype must be float32 or bfloat16, "
+                             f"got {self.params_dtype!r}")
+
+
+def padded_vocab_size(vocab_size: int, tp: int, multiple: int) -> int:
+    """Smallest multiple of ``multiple * tp`` that holds ``vocab_size`` ids."""
+    step = multiple * tp
+    return int(math.ceil(vocab_size / step) * step)
+
+
+def _hf_field(hf_config, name: str, default: Any = None) -> Any:
+    value = getattr(hf_config, name, default)
+    return default if value is None else value
+
+
+def rope_theta(hf_config) -> float:
+    """RoPE base from either the transformers-5 ``rope_parameters`` or the older field."""
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default")
+    scaling = getattr(hf_config, "rope_scaling", None)
+    if rope_type not in ("default", None) or (scaling and scaling.get("rope_type") != "default"):
+        raise NotImplementedError(
+            f"RoPE type {rope_type or scaling!r} is not supported yet; only the default RoPE "
+            "(Qwen2, Qwen2.5, DeepSeek-R1-Distill-Qwen, Llama 2) is mapped")
+    return float(params.get("rope_theta", _hf_field(hf_config, "rope_theta", 10000.0)))
+
+
+def transformer_config_from_hf(hf_config, parallel: ParallelConfig, **overrides):
+    """A megatron ``TransformerConfig`` equivalent to an HF Llama/Qwen2 config."""
+    from megatron.core.transformer import TransformerConfig
+
+    from megatron_erc.platform import adapt_parallel_config, detect
+
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"model_type {model_type!r} is not supported; "
+                         f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    heads = hf_config.num_attention_heads
+    groups = _hf_field(hf_config, "num_key_value_heads", heads)
+    head_dim = _hf_field(hf_config, "head_dim", hf_config.hidden_size // heads)
+    if groups % parallel.tp or heads % parallel.tp:
+        raise ValueError(f"tp={parallel.tp} must divide the attention heads ({heads}) and the "
+                         f"key/value heads ({groups}); choose a tp that divides both")
+    layers = hf_config.num_hidden_layers
+    stages = parallel.pp * (parallel.vpp or 1)
+    if layers % stages:
+        raise ValueError(f"{layers} layers cannot be split evenly into pp*vpp={stages} stages")
+    if model_type == "qwen2":
+        qkv_bias = True
+    else:
+        qkv_bias = bool(_hf_field(hf_config, "attention_bias", False))
+        if _hf_field(hf_config, "mlp_bias", False):
+            raise NotImplementedError("Llama configs with mlp_bias=True are not supported")
+    platform = detect()
+    dtype = getattr(torch, parallel.params_dtype)
+    kwargs = dict(
+        num_layers=layers,
+        hidden_size=hf_config.hidden_size,
+        ffn_hidden_size=hf_config.intermediate_size,
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        kv_channels=head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=float(hf_config.rms_norm_eps),
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=parallel.vpp,
+        sequence_parallel=parallel.sequence_parallel,
+        # On CPU, initialise the full weight then split: TP runs start from the same weights
+        # as TP=1 for the same seed.
+        use_cpu_initialization=platform.is_cpu,
+        init_method_std=float(_hf_field(hf_config, "initializer_range", 0.02)),
+    )
+    kwargs.update(overrides)
+    return adapt_parallel_config(TransformerConfig(**kwargs), platform)
+
+
+def layer_spec(config):
+    """Transformer Engine's layer spec when TE is importable, megatron's local spec otherwise."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+
+
+def build_gpt_model(hf_config, parallel: ParallelConfig, *, pre_process: bool = True,
+                    post_process: bool = True, vp_stage: int | None = None, config=None,
+                    **overrides):
+    """One megatron ``GPTModel`` (one pipeline chunk) for this rank."""
+    from megatron.core.models.gpt import GPTModel
+
+    config = config or transformer_config_from_hf(hf_config, parallel, **overrides)
+    vocab = padded_vocab_size(hf_config.vocab_size, parallel.tp, parallel.pad_vocab_multiple)
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(config),
+        vocab_size=vocab,
+        max_sequence_length=int(_hf_field(hf_config, "max_position_embeddings", 4096)),
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=bool(_hf_field(hf_config, "tie_word_embeddings",
+                                                           False)),
+        position_embedding_type="rope",
+        rotary_base=rope_theta(hf_config),
+        vp_stage=vp_stage,
+    )
+
+
+def build_model_chunks(hf_config, parallel: ParallelConfig, **overrides) -> list:
+    """All model chunks of this pipeline rank (one per virtual stage), for the current
+    megatron parallel state. Pipeline placement comes from ``parallel_state``."""
+    from megatron.core import parallel_state as ps
+
+    config = transformer_config_from_hf(hf_config, parallel, **overrides)
+    chunks = []
+    for vp in range(parallel.vpp or 1):
+        vp_stage = vp if parallel.vpp else None
+        chunks.append(build_gpt_model(
+            hf_config, parallel, config=config, vp_stage=vp_stage,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)))
+    return chunks

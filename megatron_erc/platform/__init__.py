@@ -1,0 +1,11 @@
+"""Device/backend selection and the CPU adaptation layer for megatron-core.
+
+Call :func:`setup` once at start-up (before building models or process groups). On a CUDA
+machine it only reports CUDA + NCCL; on a CPU-only machine it also applies the small set of
+adaptations megatron-core 0.16 needs to run over gloo (see ``cpu_megatron``).
+"""
+
+from megatron_erc.platform.device import Platform, detect, setup
+from megatron_erc.platform.distributed import adapt_parallel_config, init_model_parallel
+
+__all__ = ["Platform", "detect", "setup", "init_model_parallel", "adapt_parallel_config"]
