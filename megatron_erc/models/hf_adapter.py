@@ -32,13 +32,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
 
 from megatron_erc.models.gpt import _hf_field
-from megatron_erc.models.sharding import global_names
+from megatron_erc.models.sharding import global_names, tp_slice
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _HF_LAYER = "model.layers.{}."
@@ -308,3 +308,26 @@ def iter_hf_weights(model_chunks, hf_config,
                 gname = f"decoder.layers.{m.group(1)}.{local_suffix}"
             full = _gather_tp(gname, param, module.config, tp_group)
             yield from megatron_to_hf_tensors(gname, full, layout)
+
+
+@torch.no_grad()
+def load_hf_weights(model_chunks, get_hf_tensor: Callable[[str], torch.Tensor], hf_config,
+                    tp_rank: int, tp_size: int) -> None:
+    """Copy HF weights into this rank's chunks, reading only the tensors the rank needs.
+
+    ``get_hf_tensor(hf_name)`` returns one full HF tensor (e.g. from ``safe_open``); each is
+    fused to the full layout, then this rank's TP slice (vocab zero-padded) is copied in.
+    Peak extra memory: one full fused tensor. No communication.
+    """
+    layout = HFLayout.from_config(hf_config)
+    for chunk in model_chunks:
+        module = _unwrap(chunk)
+        names = global_names(module)
+        for local, param in module.named_parameters():
+            gname = names[local]
+            m = _LAYER.match(gname)
+            if m and (local_suffix := _te_to_local(m.group(2))):
+                gname = f"decoder.layers.{m.group(1)}.{local_suffix}"
+            srcs = hf_sources(gname, layout)
+            full = hf_to_megatron_tensor(gname, [get_hf_tensor(s) for s in srcs], layout)
+            param.copy_(tp_slice(gname, full, param, module.config, tp_rank, tp_size))
