@@ -1,0 +1,1 @@
+"""The RL trainer: actor (megatron model, optimizer, pipeline schedule), SFT warm start."""

@@ -1,0 +1,135 @@
+"""The actor: megatron model chunks + DDP + optimizer, driven through megatron's schedule.
+
+Micro-batches are dicts of ``[b, s]`` tensors: ``tokens`` (input ids), ``labels`` (next
+token ids), ``loss_mask`` (1 on tokens that enter the loss) plus whatever the loss needs.
+A loss callback receives this rank's vocabulary-sharded logits and returns
+``(loss, metrics)``; vocabulary-parallel log-probs come from ``ops.logprobs_and_entropy``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+
+import torch
+
+from megatron_erc.models import ParallelConfig, build_model_chunks
+from megatron_erc.ops.vocab_parallel import logprobs_and_entropy
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, dict], tuple[torch.Tensor, dict]]
+
+
+@dataclasses.dataclass(kw_only=True)
+class OptimConfig:
+    """Optimizer and schedule of the actor."""
+
+    lr: float = 1e-6
+    """Peak learning rate (the published ERC recipe uses 1e-6)."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clipping threshold."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.999
+    """Adam beta2."""
+    use_distributed_optimizer: bool = False
+    """Shard optimizer state across data-parallel ranks (megatron's distributed optimizer)."""
+
+    def __post_init__(self):
+        if not self.lr > 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if not self.clip_grad > 0:
+            raise ValueError(f"optim.clip_grad must be > 0 (use a large value to disable), "
+                             f"got {self.clip_grad}")
+
+
+class Actor:
+    """This rank's part of the policy model, its optimizer and the forward/backward driver."""
+
+    def __init__(self, hf_config, parallel: ParallelConfig, optim: OptimConfig):
+        from megatron.core import parallel_state as ps
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        self.hf_config, self.parallel = hf_config, parallel
+        self.vocab_size = hf_config.vocab_size
+        chunks = build_model_chunks(hf_config, parallel)
+        self.config = chunks[0].config
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=optim.use_distributed_optimizer)
+        self.model = [DistributedDataParallel(self.config, ddp_config, c) for c in chunks]
+        self.config.finalize_model_grads_func = finalize_model_grads
+        self.optimizer = get_megatron_optimizer(OptimizerConfig(
+            optimizer="adam", lr=optim.lr, weight_decay=optim.weight_decay,
+            clip_grad=optim.clip_grad, adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2,
+            bf16=parallel.params_dtype == "bfloat16", params_dtype=self.config.params_dtype,
+            use_distributed_optimizer=optim.use_distributed_optimizer), self.model)
+        self.config.grad_scale_func = self.optimizer.scale_loss
+        self.dp_size = ps.get_data_parallel_world_size()
+        self.tp_group = ps.get_tensor_model_parallel_group()
+        self.tp_rank = ps.get_tensor_model_parallel_rank()
+
+    def logprobs(self, logits: torch.Tensor, labels: torch.Tensor, **kwargs):
+        """``(logp, entropy)`` ``[b, s]`` from this rank's ``[b, s, V/tp]`` logits; reduces
+        over the TP group only; padding ids of the vocabulary get zero probability."""
+        v_local = logits.shape[-1]
+        return logprobs_and_entropy(logits, labels, tp_group=self.tp_group,
+                                    vocab_start=self.tp_rank * v_local,
+                                    vocab_size=self.vocab_size, **kwargs)
+
+    def forward_backward(self, micro_batches: Sequence[dict], loss_fn: LossFn, *,
+                         forward_only: bool = False) -> list[dict]:
+        """Run all micro-batches through megatron's pipeline schedule.
+
+        ``loss_fn(logits [b, s, V/tp], batch) -> (loss, metrics)`` runs on the last pipeline
+        stage; the schedule divides nothing (``loss_fn`` normalises by the global token
+        count itself). Returns the metrics dicts of the last stage (empty elsewhere).
+        """
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        if not micro_batches:
+            return []
+        b, s = micro_batches[0]["tokens"].shape
+        positions = torch.arange(s).expand(b, s)
+
+        def forward_step(data_iterator, chunk):
+            batch = next(data_iterator)
+            out = chunk(batch["tokens"], positions[: batch["tokens"].shape[0]], None)
+            return out, functools.partial(_call_loss, loss_fn, batch,
+                                          len(micro_batches) * self.dp_size)
+
+        vpp = self.parallel.vpp
+        iterators = [iter(micro_batches) for _ in self.model] if vpp else iter(micro_batches)
+        if not forward_only:
+            for m in self.model:
+                m.zero_grad_buffer()
+        self.config.calculate_per_token_loss = False
+        with torch.set_grad_enabled(not forward_only):
+            return get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=iterators,
+                model=self.model if vpp else self.model[0], num_microbatches=len(micro_batches),
+                seq_length=s, micro_batch_size=b, forward_only=forward_only)
+
+    def step(self) -> tuple[bool, float]:
+        """Optimizer step. Returns ``(applied, grad_norm)``; a non-finite grad norm skips it."""
+        ok, grad_norm, _ = self.optimizer.step()
+        grad_norm = float("nan") if grad_norm is None else float(grad_norm)
+        if not ok or not torch.isfinite(torch.tensor(grad_norm)):
+            return False, grad_norm
+        return True, grad_norm
+
+
+def _call_loss(loss_fn: LossFn, batch: dict, undo_scale: int, output: torch.Tensor):
+    loss, metrics = loss_fn(output, batch)
+    # megatron divides the loss by the number of micro-batches and DDP averages gradients over
+    # data-parallel ranks; our losses are already normalised by the global token count of the
+    # whole mini-batch (all micro-batches, all DP ranks), so undo both.
+    return loss * undo_scale, metrics
