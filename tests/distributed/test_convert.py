@@ -148,3 +148,63 @@ def test_megatron_logits_match_transformers(case):
 @pytest.mark.parametrize("case", [f"{k}-tp{t}-pp{p}" for k, t, p in CASES])
 def test_hf_megatron_hf_is_bit_exact(case):
     assert not adapter_results()[case]["round_trip_mismatches"]
+
+
+# ---------------------------------------------------------------- the CLI
+def _cli(*argv: str) -> None:
+    from tools.convert import main
+
+    main(list(argv))
+
+
+@pytest.fixture(scope="module")
+def cli_round_trip(tmp_path_factory):
+    """qwen2 HF dir -> TP=2 megatron checkpoint -> HF dir, through the CLI."""
+    root = tmp_path_factory.mktemp("convert")
+    model = make_hf_model("qwen2")
+    model.save_pretrained(root / "hf")
+    (root / "hf" / "tokenizer_config.json").write_text('{"model_max_length": 512}')
+    _cli("hf-to-megatron", "--hf-dir", str(root / "hf"), "--out", str(root / "ckpt"),
+         "--tp", "2")
+    _cli("megatron-to-hf", "--ckpt", str(root / "ckpt"), "--out", str(root / "hf2"))
+    return root, model
+
+
+def test_cli_round_trip_via_tp2_checkpoint(cli_round_trip):
+    from transformers import AutoModelForCausalLM
+
+    root, model = cli_round_trip
+    meta = json.loads((root / "ckpt" / "megatron_erc.json").read_text())
+    assert (meta["tp"], meta["pp"], meta["padded_vocab_size"]) == (2, 1, 512)
+    assert (root / "hf2" / "tokenizer_config.json").exists()
+    assert not list(root.glob(".*.partial"))
+    loaded = AutoModelForCausalLM.from_pretrained(root / "hf2", attn_implementation="eager")
+    want, got = model.state_dict(), loaded.state_dict()
+    assert want.keys() == got.keys()
+    assert [k for k in want if not torch.equal(want[k], got[k])] == []
+    tokens = make_tokens(model.config.vocab_size)
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, model(tokens).logits)
+
+
+def test_cli_refuses_to_overwrite(cli_round_trip):
+    root, _ = cli_round_trip
+    with pytest.raises(SystemExit, match="already exists; pass --force"):
+        _cli("hf-to-megatron", "--hf-dir", str(root / "hf"), "--out", str(root / "ckpt"))
+    with pytest.raises(SystemExit, match="already exists; pass --force"):
+        _cli("megatron-to-hf", "--ckpt", str(root / "ckpt"), "--out", str(root / "hf2"))
+
+
+def test_cli_shape_mismatch_names_the_tensor(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    make_hf_model("llama_tied").save_pretrained(tmp_path / "hf")
+    path = tmp_path / "hf" / "model.safetensors"
+    tensors = load_file(path)
+    tensors["model.layers.2.mlp.down_proj.weight"] = torch.zeros(128, 300)
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(SystemExit, match=r"model\.layers\.2\.mlp\.down_proj\.weight: shape "
+                                         r"\(128, 300\)"):
+        _cli("hf-to-megatron", "--hf-dir", str(tmp_path / "hf"), "--out",
+             str(tmp_path / "ckpt"), "--tp", "2")
+    assert not (tmp_path / "ckpt").exists()
