@@ -14,6 +14,7 @@ byte is sent (see ``weight_sync.py`` for why updates are staged and committed at
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -62,6 +63,22 @@ def checkpoint_shapes(model_dir: str | os.PathLike) -> dict[str, tuple[int, ...]
     return shapes
 
 
+CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def check_cpu_head_dim(model_dir: Path) -> None:
+    """vLLM's CPU attention fails at the first generate (killing the engine) on other head
+    sizes; say so before building it."""
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg = cfg.get("text_config", cfg)
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    if head_dim not in CPU_HEAD_DIMS:
+        raise ValueError(
+            f"{model_dir}: head_dim {head_dim} is not supported by vLLM's CPU attention "
+            f"(supported: {CPU_HEAD_DIMS}); change num_attention_heads or use EmbeddedEngine."
+        )
+
+
 class VLLMEngine:
     """``RolloutEngine`` over ``vllm.LLM`` loaded from a local HF directory.
 
@@ -97,6 +114,8 @@ class VLLMEngine:
         import vllm
 
         self.model_dir = Path(model_dir)
+        if not on_gpu:
+            check_cpu_head_dim(self.model_dir)
         self._expected = checkpoint_shapes(model_dir)
         self._sleep_mode = enable_sleep_mode
         self.llm = vllm.LLM(

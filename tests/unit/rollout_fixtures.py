@@ -16,7 +16,7 @@ PROMPTS = [[1, 5, 9, 200], [7, 3], [11, 12, 13, 14, 15, 16, 17], [42]]
 
 
 def build_tiny_model(seed: int = 0):
-    """A fp32 Qwen2ForCausalLM with the shape of examples/tiny/config.json, random weights."""
+    """A fp32 Qwen2ForCausalLM shaped like examples/tiny/config.json (head_dim 32), random init."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(**json.loads(TINY_CONFIG.read_text()))
@@ -24,6 +24,8 @@ def build_tiny_model(seed: int = 0):
     # A larger init than 0.02 makes the logits peaked, so greedy argmax has clear winners and
     # sampling is not uniform noise.
     config.initializer_range = 0.2
+    # vLLM's CPU attention supports head_dim 32, 64, 80, ...: examples/tiny has 128 / 8 = 16.
+    config.num_attention_heads, config.num_key_value_heads = 4, 2
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return model.eval()
 
