@@ -65,6 +65,11 @@ _VOCAB = ("embedding.word_embeddings.weight", "output_layer.weight")
 _IGNORED_HF = re.compile(r"(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)$")
 
 
+def is_ignored_hf_name(name: str) -> bool:
+    """Buffers some HF checkpoints carry that are not weights (e.g. ``rotary_emb.inv_freq``)."""
+    return bool(_IGNORED_HF.search(name))
+
+
 @dataclasses.dataclass(frozen=True)
 class HFLayout:
     """The dimensions of an HF Llama/Qwen2 model that fix every tensor's shape."""
@@ -222,7 +227,7 @@ def to_megatron(hf_state: Mapping[str, torch.Tensor], hf_config) -> dict[str, to
     layout = HFLayout.from_config(hf_config)
     expected = _shapes(layout)
     for name in hf_state:
-        if name not in expected and not _IGNORED_HF.search(name) and not (
+        if name not in expected and not is_ignored_hf_name(name) and not (
                 layout.tied and name == "lm_head.weight"):
             raise ValueError(f"{name}: unexpected tensor for this config")
     out = {}

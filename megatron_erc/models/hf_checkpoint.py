@@ -31,7 +31,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from megatron_erc.models.hf_adapter import HFLayout, check_hf_shape
+from megatron_erc.models.hf_adapter import HFLayout, check_hf_shape, is_ignored_hf_name
 
 FORMAT = "megatron_erc.hf_convert/1"
 META_FILE = "megatron_erc.json"
@@ -87,8 +87,8 @@ def check_hf_dir(hf_dir: str | os.PathLike, hf_config) -> None:
     reader = SafetensorsReader(hf_dir)
     present = set(reader.names())
     for name in reader.names():
-        if layout.tied and name == "lm_head.weight":
-            continue  # some writers keep the tied copy; it is ignored
+        if (layout.tied and name == "lm_head.weight") or is_ignored_hf_name(name):
+            continue  # a tied copy some writers keep, or a non-weight buffer
         try:
             check_hf_shape(name, reader.shape(name), layout)
         except ValueError as e:

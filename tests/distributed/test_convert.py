@@ -157,25 +157,27 @@ def _cli(*argv: str) -> None:
     main(list(argv))
 
 
-@pytest.fixture(scope="module")
-def cli_round_trip(tmp_path_factory):
-    """qwen2 HF dir -> TP=2 megatron checkpoint -> HF dir, through the CLI."""
+@pytest.fixture(scope="module", params=[("qwen2", "--tp", "2"), ("llama_tied", "--pp", "2")],
+                ids=["qwen2-tp2", "llama_tied-pp2"])
+def cli_round_trip(request, tmp_path_factory):
+    """HF dir -> megatron checkpoint (TP=2 or PP=2) -> HF dir, through the CLI."""
+    kind, *layout = request.param
     root = tmp_path_factory.mktemp("convert")
-    model = make_hf_model("qwen2")
+    model = make_hf_model(kind)
     model.save_pretrained(root / "hf")
     (root / "hf" / "tokenizer_config.json").write_text('{"model_max_length": 512}')
-    _cli("hf-to-megatron", "--hf-dir", str(root / "hf"), "--out", str(root / "ckpt"),
-         "--tp", "2")
+    _cli("hf-to-megatron", "--hf-dir", str(root / "hf"), "--out", str(root / "ckpt"), *layout)
     _cli("megatron-to-hf", "--ckpt", str(root / "ckpt"), "--out", str(root / "hf2"))
-    return root, model
+    return root, model, layout
 
 
-def test_cli_round_trip_via_tp2_checkpoint(cli_round_trip):
+def test_cli_round_trip_via_parallel_checkpoint(cli_round_trip):
     from transformers import AutoModelForCausalLM
 
-    root, model = cli_round_trip
+    root, model, layout = cli_round_trip
     meta = json.loads((root / "ckpt" / "megatron_erc.json").read_text())
-    assert (meta["tp"], meta["pp"], meta["padded_vocab_size"]) == (2, 1, 512)
+    tp, pp = (2, 1) if layout[0] == "--tp" else (1, 2)
+    assert (meta["tp"], meta["pp"], meta["padded_vocab_size"]) == (tp, pp, 512)
     assert (root / "hf2" / "tokenizer_config.json").exists()
     assert not list(root.glob(".*.partial"))
     loaded = AutoModelForCausalLM.from_pretrained(root / "hf2", attn_implementation="eager")
@@ -188,7 +190,7 @@ def test_cli_round_trip_via_tp2_checkpoint(cli_round_trip):
 
 
 def test_cli_refuses_to_overwrite(cli_round_trip):
-    root, _ = cli_round_trip
+    root, _, _ = cli_round_trip
     with pytest.raises(SystemExit, match="already exists; pass --force"):
         _cli("hf-to-megatron", "--hf-dir", str(root / "hf"), "--out", str(root / "ckpt"))
     with pytest.raises(SystemExit, match="already exists; pass --force"):
