@@ -45,7 +45,8 @@ class ConvertError(RuntimeError):
 
 
 def _log(msg: str) -> None:
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+    if rank == 0:
         print(f"[convert] {msg}", flush=True)
 
 
