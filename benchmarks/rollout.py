@@ -1,0 +1,119 @@
+"""Rollout throughput of the vLLM engine against the embedded (HF transformers) engine, and
+weight-sync bandwidth of both, measured in the same run on the same tiny random-init Qwen2.
+
+Both engines get the same prompts and produce exactly ``--tokens`` tokens per response (no stop
+tokens) with per-token log-probs, sampled at temperature 1. Throughput counts response tokens;
+repetitions of the two engines are interleaved after one warm-up each (vLLM's first log-prob
+generate compiles a helper), and median and best are printed: on a shared 2-core machine a
+single run swings by 10x with other processes' load, and the best is closest to the engine's
+own speed. In-process vLLM reduces the process's torch threads to 1 and binds them, so both
+engines then run on one thread.
+
+    python benchmarks/rollout.py [--prompts 32] [--tokens 64] [--reps 5] [--multiprocessing]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from megatron_erc.rollout import EmbeddedEngine, SamplingConfig, sync_weights, vllm_available
+
+TINY_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "tiny" / "config.json"
+
+
+def tiny_model():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(**json.loads(TINY_CONFIG.read_text()))
+    config.num_attention_heads, config.num_key_value_heads = 4, 2  # head_dim 32 for vLLM CPU
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def generate_rate(engine, prompts, cfg: SamplingConfig, seed: int) -> float:
+    start = time.perf_counter()
+    out = engine.generate(prompts, SamplingConfig(**{**vars(cfg), "seed": seed}))
+    seconds = time.perf_counter() - start
+    n_tokens = sum(len(s.token_ids) for group in out for s in group)
+    assert n_tokens == len(prompts) * cfg.n * cfg.max_tokens, "responses ended early"
+    assert all(len(s.logprobs) == len(s.token_ids) for group in out for s in group)
+    return n_tokens / seconds
+
+
+def sync_rate(engine, weights: dict[str, torch.Tensor]) -> float:
+    return sync_weights(engine, iter(weights.items()), bucket_bytes=1 << 20).bytes_per_second
+
+
+def summary(rates: list[float]) -> str:
+    return f"median {statistics.median(rates):9.0f}  best {max(rates):9.0f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--multiprocessing", action="store_true",
+                        help="run vLLM's engine core in its own process (default: in-process)")
+    args = parser.parse_args()
+
+    model = tiny_model()
+    gen = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    prompts = torch.randint(1, vocab, (args.prompts, args.prompt_len), generator=gen).tolist()
+    cfg = SamplingConfig(temperature=1.0, max_tokens=args.tokens)
+    weights = {k: p.detach().clone() for k, p in model.named_parameters()}
+    print(f"tiny Qwen2 ({sum(w.numel() for w in weights.values()) / 1e6:.2f} M params), "
+          f"{args.prompts} prompts x {args.prompt_len} tokens -> {args.tokens} tokens, "
+          f"log-probs on, torch threads {torch.get_num_threads()}")
+
+    engines = {"embedded": EmbeddedEngine(model)}
+    model_dir = tempfile.TemporaryDirectory()
+    if vllm_available():
+        from megatron_erc.rollout import VLLMEngine
+
+        model.save_pretrained(model_dir.name)
+        start = time.perf_counter()
+        engines["vllm"] = VLLMEngine(
+            model_dir.name, max_model_len=args.prompt_len + args.tokens + 8,
+            kv_cache_memory_bytes=128 << 20, multiprocessing=args.multiprocessing)
+        print(f"vllm engine start {time.perf_counter() - start:.1f} s")
+    else:
+        print("vllm not installed (scripts/install_vllm.sh): embedded engine only")
+    print(f"torch threads in this process: {torch.get_num_threads()} "
+          "(in-process vLLM reduces them to 1 and binds them)")
+
+    tps = {name: [] for name in engines}
+    bw = {name: [] for name in engines}
+    for engine in engines.values():  # warm-up (vLLM compiles its log-prob helper)
+        engine.generate(prompts[:2], SamplingConfig(max_tokens=4, seed=0))
+    # Interleaved repetitions, so a burst of load from other processes hits both engines.
+    for rep in range(args.reps):
+        for name, engine in engines.items():
+            tps[name].append(generate_rate(engine, prompts, cfg, seed=rep))
+            bw[name].append(sync_rate(engine, weights))
+    for engine in engines.values():
+        engine.close()
+    model_dir.cleanup()
+
+    nbytes = sum(w.numel() * w.element_size() for w in weights.values())
+    for name in engines:
+        print(f"{name:9s} tok/s {summary(tps[name])}   weight sync MiB/s "
+              f"{summary([b / 2**20 for b in bw[name]])}  ({nbytes / 2**20:.1f} MiB)")
+    if "vllm" in engines:
+        ratio = lambda d, f: f(d["vllm"]) / f(d["embedded"])
+        print(f"ratio vllm/embedded: throughput median {ratio(tps, statistics.median):.2f}x "
+              f"best {ratio(tps, max):.2f}x; "
+              f"weight sync median {ratio(bw, statistics.median):.3f}x")
+
+
+if __name__ == "__main__":
+    main()
