@@ -1,4 +1,9 @@
-"""``megatron-erc`` command line: ``demo`` and ``convert``."""
+"""``megatron-erc``: demo, train, sft, eval, plot, convert.
+
+Configs are YAML files with ``section.field=value`` overrides after them, e.g.
+``megatron-erc train --config examples/tiny/dapo_erc.yaml algo.erc.low=0.9``.
+Multi-rank runs: ``torchrun --nproc-per-node N -m megatron_erc.cli train ...``.
+"""
 
 from __future__ import annotations
 
@@ -11,27 +16,62 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # megatron-core announces at import that TE/apex are missing: expected on CPU.
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.core.*")
-    parser = argparse.ArgumentParser(prog="megatron-erc")
+    parser = argparse.ArgumentParser(prog="megatron-erc", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="the embedded default job on this machine")
     demo.add_argument("--out", default="runs/demo", help="run directory")
-    demo.add_argument("--steps", type=int, default=150)
+    demo.add_argument("--sft-steps", type=int, default=150)
+    demo.add_argument("--rl-steps", type=int, default=30)
     demo.add_argument("--seed", type=int, default=0)
-    sub.add_parser("convert", help="HF <-> Megatron checkpoint conversion (see --help)",
+    for name, text in (("train", "RL training (DAPO/GPPO + ERC)"),
+                       ("sft", "supervised warm start, exported as an HF directory"),
+                       ("eval", "validation accuracy of a model on a prompt file")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--config", help="YAML config file")
+        p.add_argument("overrides", nargs="*", help="section.field=value")
+    plot = sub.add_parser("plot", help="PNG dashboard of a run's metrics")
+    plot.add_argument("run_dir")
+    plot.add_argument("--out", help="PNG path (default RUN_DIR/dashboard.png)")
+    sub.add_parser("convert", help="HF <-> Megatron checkpoint conversion (see convert -h)",
                    add_help=False)
     args, rest = parser.parse_known_args(argv)
-    if args.command == "demo":
-        if rest:
-            parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        from megatron_erc.demo import run_demo
-
-        run_demo(args.out, steps=args.steps, seed=args.seed)
-        return 0
     if args.command == "convert":
-        from megatron_erc.models.convert import main as convert_main
+        from megatron_erc.convert_cli import main as convert_main
 
         return convert_main(rest)
-    return 2
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    from megatron_erc.config_io import ConfigError, load_config
+
+    try:
+        if args.command == "demo":
+            from megatron_erc.demo import run_demo
+
+            run_demo(args.out, sft_steps=args.sft_steps, rl_steps=args.rl_steps, seed=args.seed)
+        elif args.command == "train":
+            from megatron_erc.trainer.config import TrainConfig
+            from megatron_erc.trainer.run import run_train
+
+            run_train(load_config(TrainConfig, args.config, args.overrides))
+        elif args.command == "sft":
+            from megatron_erc.trainer.sft import SFTConfig, run_sft
+
+            out, loss = run_sft(load_config(SFTConfig, args.config, args.overrides))
+            print(f"[sft] final loss {loss:.3f}; HF model in {out}")
+        elif args.command == "eval":
+            from megatron_erc.trainer.config import TrainConfig
+            from megatron_erc.trainer.run import run_eval
+
+            acc = run_eval(load_config(TrainConfig, args.config, args.overrides))
+            print(f"[eval] accuracy {acc:.2%}")
+        elif args.command == "plot":
+            from megatron_erc.plot import plot_run
+
+            print(plot_run(args.run_dir, args.out))
+    except ConfigError as e:
+        print(f"megatron-erc {args.command}: config error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

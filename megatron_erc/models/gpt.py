@@ -96,7 +96,10 @@ def transformer_config_from_hf(hf_config, parallel: ParallelConfig, **overrides)
     if model_type == "qwen2":
         qkv_bias = True
     else:
-        qkv_bias = bool(_hf_field(hf_config, "attention_bias", False))
+        if _hf_field(hf_config, "attention_bias", False):
+            # HF Llama then biases o_proj too, which megatron's add_qkv_bias does not cover.
+            raise NotImplementedError("Llama configs with attention_bias=True are not supported")
+        qkv_bias = False
         if _hf_field(hf_config, "mlp_bias", False):
             raise NotImplementedError("Llama configs with mlp_bias=True are not supported")
     platform = detect()

@@ -74,6 +74,7 @@ class Actor:
             use_distributed_optimizer=optim.use_distributed_optimizer), self.model)
         self.config.grad_scale_func = self.optimizer.scale_loss
         self.dp_size = ps.get_data_parallel_world_size()
+        self.dp_group = ps.get_data_parallel_group()
         self.tp_group = ps.get_tensor_model_parallel_group()
         self.tp_rank = ps.get_tensor_model_parallel_rank()
 
@@ -117,6 +118,17 @@ class Actor:
                 forward_step_func=forward_step, data_iterator=iterators,
                 model=self.model if vpp else self.model[0], num_microbatches=len(micro_batches),
                 seq_length=s, micro_batch_size=b, forward_only=forward_only)
+
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def hf_weights(self):
+        """This pipeline stage's weights as ``(hf_name, full tensor)`` pairs, TP shards
+        gathered over the TP group (every TP rank must iterate)."""
+        from megatron_erc.models.hf_adapter import iter_hf_weights
+
+        tp = self.tp_group if self.parallel.tp > 1 else None
+        return iter_hf_weights(self.model, self.hf_config, tp_group=tp)
 
     def step(self) -> tuple[bool, float]:
         """Optimizer step. Returns ``(applied, grad_norm)``; a non-finite grad norm skips it."""

@@ -6,9 +6,17 @@ loss, a token-mean over the whole mini-batch.
 
 from __future__ import annotations
 
+import dataclasses
+import random
+from pathlib import Path
+
 import torch
 
-from megatron_erc.trainer.actor import Actor
+from megatron_erc.data.prompts import PromptDataConfig
+from megatron_erc.models import ParallelConfig
+from megatron_erc.trainer.actor import Actor, OptimConfig
+from megatron_erc.trainer.batch import global_token_count
+from megatron_erc.trainer.config import ModelConfig, RunConfig
 
 
 def pack_sft_batch(tokenizer, prompts: list[str], completions: list[str], seq_len: int) -> dict:
@@ -35,7 +43,7 @@ def pack_sft_batch(tokenizer, prompts: list[str], completions: list[str], seq_le
 
 def sft_step(actor: Actor, micro_batches: list[dict]) -> dict:
     """One optimizer step of token-mean NLL over ``micro_batches`` (this DP rank's share)."""
-    num_tokens = _global_tokens(actor, micro_batches)
+    num_tokens = global_token_count(micro_batches, dp_group=actor.dp_group)
 
     def loss_fn(logits, batch):
         logp, _ = actor.logprobs(logits, batch["labels"])
@@ -49,13 +57,104 @@ def sft_step(actor: Actor, micro_batches: list[dict]) -> dict:
     return {"sft/loss": loss, "grad_norm": grad_norm, "skipped": not applied}
 
 
-def _global_tokens(actor: Actor, micro_batches: list[dict]) -> float:
-    """Response tokens of the mini-batch summed over micro-batches and data-parallel ranks."""
-    import torch.distributed as dist
+
+
+@dataclasses.dataclass(kw_only=True)
+class SFTConfig:
+    """``megatron-erc sft``: supervised warm start, exported as a Hugging Face directory."""
+
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    """Run directory, seed, steps, micro-batch size and sequence length."""
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    """Starting model (HF directory) and tokenizer."""
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    """TP / PP split."""
+    optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=1e-5))
+    """Optimizer."""
+    data: PromptDataConfig | None = None
+    """Prompt file whose records also hold the target completion."""
+    target_field: str = "target"
+    """Record field with the completion to learn."""
+    batch_size: int = 32
+    """Sequences per optimizer step (across data-parallel ranks)."""
+    output_dir: str | None = None
+    """Where the fine-tuned HF directory is written; default RUN_DIR/hf."""
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+def run_sft(cfg: SFTConfig, actor=None, log=print) -> tuple[Path, float]:
+    """Train ``cfg.run.steps`` steps and export the model as an HF directory."""
     from megatron.core import parallel_state as ps
 
-    n = torch.tensor(sum(float(mb["loss_mask"].sum()) for mb in micro_batches),
-                     dtype=torch.float64)
-    if dist.is_initialized() and ps.get_data_parallel_world_size() > 1:
-        dist.all_reduce(n, group=ps.get_data_parallel_group())
-    return max(float(n), 1.0)
+    from megatron_erc.data.prompts import PromptDataset
+    from megatron_erc.data.tokenizers import load_tokenizer
+    from megatron_erc.trainer.batch import split
+    from megatron_erc.trainer.metrics import MetricsWriter
+    from megatron_erc.trainer.run import build_actor, setup_parallel
+
+    if cfg.data is None:
+        raise ValueError("data.path is required: a prompt file with a target field")
+    setup_parallel(cfg)
+    actor = actor or build_actor(cfg)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    data = PromptDataset(cfg.data, tokenizer)
+    examples = [(s.text, s.record.meta[cfg.target_field]) for s in data.samples
+                if cfg.target_field in s.record.meta]
+    if not examples:
+        raise ValueError(f"{cfg.data.path}: no record has the target field "
+                         f"{cfg.target_field!r}")
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    rng = random.Random(cfg.run.seed)
+    writer = MetricsWriter(cfg.run.dir, enabled=torch.distributed.get_rank() == 0)
+    loss = float("nan")
+    for step in range(1, cfg.run.steps + 1):
+        batch = rng.sample(examples, min(cfg.batch_size, len(examples)))[dp_rank::dp]
+        packed = pack_sft_batch(tokenizer, [p for p, _ in batch], [c for _, c in batch],
+                                cfg.run.seq_len)
+        m = sft_step(actor, split(packed, cfg.run.micro_batch_size))
+        loss = m["sft/loss"]
+        writer.log({"sft_step": step, **m}, step_key="sft_step")
+        if step % 50 == 0 or step == cfg.run.steps:
+            log(f"[sft] step {step:4d}/{cfg.run.steps}  loss {loss:.3f}")
+    writer.close()
+    out = Path(cfg.output_dir or Path(cfg.run.dir) / "hf")
+    export_hf(actor, out, cfg.model)
+    return out, loss
+
+
+def export_hf(actor, out: Path, model_cfg) -> None:
+    """Write the actor as an HF directory (TP shards gathered; rank 0 writes; PP=1)."""
+    import json
+    import os
+    import shutil
+
+    from megatron_erc.models.hf_checkpoint import SafetensorsWriter
+
+    rank0 = torch.distributed.get_rank() == 0
+    tmp = out.parent / f".{out.name}.partial"
+    if rank0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        writer = SafetensorsWriter(tmp, 2 << 30)
+    for name, tensor in actor.hf_weights():
+        if rank0:
+            writer.add(name, tensor)
+    if rank0:
+        writer.close()
+        config = actor.hf_config.to_dict()
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        # tokenizer and generation files travel with the weights
+        side = [f for f in Path(model_cfg.path).iterdir()
+                if f.is_file() and f.name != "config.json"
+                and not f.name.endswith((".safetensors", ".safetensors.index.json", ".bin"))]
+        if model_cfg.tokenizer and Path(model_cfg.tokenizer).is_file():
+            side.append(Path(model_cfg.tokenizer))
+        for f in side:
+            shutil.copy2(f, tmp / f.name)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    torch.distributed.barrier()

@@ -152,7 +152,7 @@ def test_hf_megatron_hf_is_bit_exact(case):
 
 # ---------------------------------------------------------------- the CLI
 def _cli(*argv: str) -> None:
-    from tools.convert import main
+    from megatron_erc.convert_cli import main
 
     main(list(argv))
 

@@ -1,0 +1,114 @@
+"""YAML files and ``a.b.c=value`` overrides onto nested config dataclasses.
+
+One surface for every command: ``load_config(TrainConfig, "run.yaml", ["algo.erc.low=0.9"])``.
+Unknown keys and invalid values are rejected at start with the dotted field name and what
+the field accepts; each dataclass's own ``__post_init__`` does the value checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override does not fit the config schema."""
+
+
+def load_config(cls, path: str | Path | None = None, overrides: list[str] = ()):
+    """Build ``cls`` from a YAML file (optional) with ``key.path=value`` overrides on top."""
+    data: dict = {}
+    if path is not None:
+        text = Path(path).read_text()
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like section.field=value")
+        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return from_dict(cls, data)
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for p in parts[:-1]:
+        if not isinstance(node.get(p), dict):
+            node[p] = {}
+        node = node[p]
+    node[parts[-1]] = value
+
+
+def from_dict(cls, data: Any, prefix: str = ""):
+    """Instantiate dataclass ``cls`` from a mapping, recursively, naming fields on error."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown config field(s) {', '.join(where + u for u in unknown)}; "
+                          f"valid fields here: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _convert(hints[name], value, f"{prefix}.{name}" if prefix else name)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{prefix or 'config'}: {e}") from None
+
+
+def _convert(tp, value: Any, name: str):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            if len(args) < len(typing.get_args(tp)):
+                return None
+            raise ConfigError(f"{name} may not be null")
+        for a in args:
+            if dataclasses.is_dataclass(a) or len(args) == 1:
+                return _convert(a, value, name)
+        return _convert(args[0], value, name) if _fits(args[0], value) else value
+    if dataclasses.is_dataclass(tp):
+        if dataclasses.is_dataclass(value):
+            return value
+        return from_dict(tp, value, name)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and not _fits(tp, value):
+        raise ConfigError(f"{name} must be of type {tp.__name__}, got {value!r}")
+    if origin is typing.Literal and value not in typing.get_args(tp):
+        raise ConfigError(f"{name} must be one of {list(typing.get_args(tp))}, got {value!r}")
+    if origin is tuple and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def _fits(tp, value) -> bool:
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp in (int, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and (
+            tp is float or isinstance(value, int))
+    if tp is str:
+        return isinstance(value, str)
+    return True
+
+
+def to_dict(cfg) -> dict:
+    """Plain dict of a config (for saving next to a run)."""
+    return dataclasses.asdict(cfg)

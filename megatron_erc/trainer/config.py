@@ -1,0 +1,165 @@
+"""The one config of a training run: nested dataclasses, one YAML/CLI surface on top.
+
+Sections: ``run``, ``model``, ``parallel``, ``optim``, ``rollout``, ``algo`` (the policy loss:
+surrogate, clipping, ERC, TIS, positive NLL), ``overlong``, ``data``, ``validation``,
+``checkpoint``. Override any field from the command line: ``algo.erc.low=0.9``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from megatron_erc.algorithms import OverlongConfig, PolicyLossConfig
+from megatron_erc.data.prompts import PromptDataConfig
+from megatron_erc.models import ParallelConfig
+from megatron_erc.trainer.actor import OptimConfig
+
+field = dataclasses.field
+
+
+@dataclasses.dataclass(kw_only=True)
+class RunConfig:
+    """Where the run lives and how long it is."""
+
+    dir: str = "runs/default"
+    """Run directory: metrics.jsonl, TensorBoard events, checkpoints, config.yaml."""
+    seed: int = 0
+    """Seed of prompt order, sampling and initialisation."""
+    steps: int = 20
+    """RL steps (rollout -> update -> sync rounds)."""
+    updates_per_rollout: int = 4
+    """Mini-batch updates per rollout; all but the first are off-policy (where ERC acts)."""
+    micro_batch_size: int = 32
+    """Sequences per forward/backward micro-batch."""
+    seq_len: int = 128
+    """Padded prompt + response length of a training sequence."""
+    warmup_steps: int = 0
+    """Linear learning-rate warmup, in optimizer steps."""
+
+    def __post_init__(self):
+        for name in ("steps", "updates_per_rollout", "micro_batch_size", "seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"run.{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"run.warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+@dataclasses.dataclass(kw_only=True)
+class ModelConfig:
+    """The policy model and its tokenizer."""
+
+    path: str = "examples/tiny"
+    """Hugging Face directory (config.json; *.safetensors weights are loaded if present)."""
+    tokenizer: str | None = None
+    """HF tokenizer directory or SentencePiece .model file; None: the model directory."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class RolloutConfig:
+    """Generation of the training responses."""
+
+    engine: Literal["auto", "vllm", "embedded"] = "auto"
+    """``auto``: vLLM when importable, else the embedded transformers engine."""
+    prompts_per_step: int = 16
+    """Prompt groups trained on per step (after dynamic sampling)."""
+    n: int = 8
+    """Responses per prompt (GRPO group size)."""
+    max_gen_batches: int = 3
+    """Generation rounds per step to fill ``prompts_per_step`` groups with non-equal rewards;
+    when they run out the step trains on what it has and logs a warning."""
+    temperature: float = 1.0
+    """Sampling temperature of training rollouts."""
+    max_response_tokens: int = 64
+    """Response length limit."""
+    weight_sync_bucket_mb: int = 64
+    """Bucket size when streaming weights into the engine (bounds the extra memory)."""
+    vllm_kv_cache_mb: int = 256
+    """KV cache the vLLM engine may use (CPU: always set it)."""
+    reward_fn: str = "math"
+    """``math`` (math-verify on the last boxed answer) or a dotted path ``pkg.mod:fn``."""
+    reward_timeout_s: float = 5.0
+    """Per-response grading timeout; a timeout scores 0 and is counted."""
+
+    def __post_init__(self):
+        if self.n < 2:
+            raise ValueError(f"rollout.n must be >= 2: GRPO compares responses to the same "
+                             f"prompt; got {self.n}")
+        for name in ("prompts_per_step", "max_gen_batches", "max_response_tokens",
+                     "weight_sync_bucket_mb", "vllm_kv_cache_mb"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"rollout.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.temperature > 0:
+            raise ValueError(f"rollout.temperature must be > 0 for RL exploration, "
+                             f"got {self.temperature}")
+
+
+@dataclasses.dataclass(kw_only=True)
+class ValidationConfig:
+    """Periodic validation: mean accuracy over k samples per prompt."""
+
+    path: str | None = None
+    """Prompt file (same fields as ``data``); None: no validation."""
+    every: int = 5
+    """Validate every this many steps (and at the end)."""
+    samples_per_prompt: int = 1
+    """k samples per prompt; accuracy is averaged over all of them."""
+    temperature: float = 0.6
+    """Validation sampling temperature (0 = greedy)."""
+    top_p: float = 0.95
+    """Validation nucleus sampling."""
+    max_prompts: int | None = None
+    """Use only the first this many prompts."""
+
+    def __post_init__(self):
+        if self.every < 1 or self.samples_per_prompt < 1:
+            raise ValueError("validation.every and validation.samples_per_prompt must be >= 1")
+
+
+@dataclasses.dataclass(kw_only=True)
+class CheckpointConfig:
+    """Resumable training state."""
+
+    every: int = 0
+    """Save every this many steps (0: only at exit)."""
+    keep_last: int = 2
+    """Complete checkpoints kept."""
+    resume: str | None = None
+    """``auto`` (newest complete checkpoint in the run directory, if any), a path, or None."""
+
+    def __post_init__(self):
+        if self.every < 0 or self.keep_last < 1:
+            raise ValueError("checkpoint.every must be >= 0 and checkpoint.keep_last >= 1")
+
+
+@dataclasses.dataclass(kw_only=True)
+class TrainConfig:
+    """Everything a ``megatron-erc train`` run needs."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    """Run directory, length, batch shapes."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Policy model and tokenizer."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """TP / PP / VPP / SP split (DP is the rest of the world)."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Generation and grading."""
+    algo: PolicyLossConfig = field(default_factory=PolicyLossConfig)
+    """Policy loss: surrogate, clipping, ERC, TIS, positive-example NLL."""
+    overlong: OverlongConfig | None = None
+    """DAPO overlong reward shaping; None: off."""
+    data: PromptDataConfig | None = None
+    """Training prompts (required for ``train``)."""
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    """Periodic validation."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing and resume."""
+
+    def __post_init__(self):
+        if self.overlong is not None and self.overlong.max_len > self.rollout.max_response_tokens:
+            raise ValueError(
+                f"overlong.max_len ({self.overlong.max_len}) exceeds "
+                f"rollout.max_response_tokens ({self.rollout.max_response_tokens}); "
+                "shaping would never apply. Set them equal (DAPO does).")
