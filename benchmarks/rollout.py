@@ -6,8 +6,8 @@ tokens) with per-token log-probs, sampled at temperature 1. Throughput counts re
 repetitions of the two engines are interleaved after one warm-up each (vLLM's first log-prob
 generate compiles a helper), and median and best are printed: on a shared 2-core machine a
 single run swings by 10x with other processes' load, and the best is closest to the engine's
-own speed. In-process vLLM reduces the process's torch threads to 1 and binds them, so both
-engines then run on one thread.
+own speed. In-process vLLM reduces the torch threads to 1 and binds its OMP threads (while
+``torch.get_num_threads()`` still reports the old number), so the engines share them.
 
     python benchmarks/rollout.py [--prompts 32] [--tokens 64] [--reps 5] [--multiprocessing]
 """
@@ -88,8 +88,8 @@ def main() -> None:
         print(f"vllm engine start {time.perf_counter() - start:.1f} s")
     else:
         print("vllm not installed (scripts/install_vllm.sh): embedded engine only")
-    print(f"torch threads in this process: {torch.get_num_threads()} "
-          "(in-process vLLM reduces them to 1 and binds them)")
+    print(f"torch.get_num_threads() = {torch.get_num_threads()} (in-process vLLM logs that it "
+          "reduces torch threads to 1 and binds its OMP threads; both engines share them)")
 
     tps = {name: [] for name in engines}
     bw = {name: [] for name in engines}
