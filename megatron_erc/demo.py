@@ -28,7 +28,7 @@ def prepare(root: pathlib.Path, seed: int = 0) -> None:
     from megatron_erc.data.tokenizers import train_sentencepiece
 
     train = generate_problems(4000, seed=seed, difficulty=1)
-    val = generate_problems(64, seed=seed + 10_000, difficulty=1)
+    val = generate_problems(128, seed=seed + 10_000, difficulty=1)
     (root / "data").mkdir(parents=True, exist_ok=True)
     for name, problems in (("train", train), ("val", val)):
         with open(root / "data" / f"{name}.jsonl", "w") as f:

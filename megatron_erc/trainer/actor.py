@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -36,12 +37,29 @@ class OptimConfig:
     """Adam beta2."""
     use_distributed_optimizer: bool = False
     """Shard optimizer state across data-parallel ranks (megatron's distributed optimizer)."""
+    warmup_steps: int = 0
+    """Linear learning-rate warmup from 0, in optimizer steps (the ERC recipe uses 10)."""
+    decay_steps: int | None = None
+    """Optimizer steps over which ``decay_style`` runs after warmup; None: constant."""
+    decay_style: str = "constant"
+    """``constant``, ``linear`` or ``cosine`` (to ``min_lr``)."""
+    min_lr: float = 0.0
+    """Floor of the decaying schedule."""
 
     def __post_init__(self):
         if not self.lr > 0:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
         if self.weight_decay < 0:
             raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.decay_style not in ("constant", "linear", "cosine"):
+            raise ValueError(f"optim.decay_style must be constant, linear or cosine, "
+                             f"got {self.decay_style!r}")
+        if self.decay_style != "constant" and not self.decay_steps:
+            raise ValueError("optim.decay_steps must be set for a linear or cosine decay")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"optim.min_lr must be in [0, lr], got {self.min_lr}")
         if not self.clip_grad > 0:
             raise ValueError(f"optim.clip_grad must be > 0 (use a large value to disable), "
                              f"got {self.clip_grad}")
@@ -73,6 +91,14 @@ class Actor:
             bf16=parallel.params_dtype == "bfloat16", params_dtype=self.config.params_dtype,
             use_distributed_optimizer=optim.use_distributed_optimizer), self.model)
         self.config.grad_scale_func = self.optimizer.scale_loss
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        self.lr_scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if optim.warmup_steps else optim.lr, max_lr=optim.lr,
+            min_lr=optim.min_lr, lr_warmup_steps=optim.warmup_steps,
+            lr_decay_steps=optim.warmup_steps + (optim.decay_steps or 1),
+            lr_decay_style=optim.decay_style, start_wd=optim.weight_decay,
+            end_wd=optim.weight_decay, wd_incr_steps=1, wd_incr_style="constant")
         self.dp_size = ps.get_data_parallel_world_size()
         self.dp_group = ps.get_data_parallel_group()
         self.tp_group = ps.get_tensor_model_parallel_group()
@@ -132,11 +158,21 @@ class Actor:
 
     def step(self) -> tuple[bool, float]:
         """Optimizer step. Returns ``(applied, grad_norm)``; a non-finite grad norm skips it."""
-        ok, grad_norm, _ = self.optimizer.step()
-        grad_norm = float("nan") if grad_norm is None else float(grad_norm)
-        if not ok or not torch.isfinite(torch.tensor(grad_norm)):
-            return False, grad_norm
-        return True, grad_norm
+        # megatron's fp32 optimizer steps even on NaN/inf gradients; look first, so a
+        # non-finite loss or gradient skips the step instead of corrupting the weights.
+        opt = self.optimizer
+        if opt.prepare_grads():  # mixed precision found inf/nan
+            opt.zero_grad()
+            return False, float("nan")
+        norm = float(opt.get_grad_norm())
+        if not math.isfinite(norm):
+            opt.zero_grad()
+            return False, norm
+        ok, grad_norm, _ = opt.step()
+        if not ok:
+            return False, norm
+        self.lr_scheduler.step(increment=1)
+        return True, float(grad_norm) if grad_norm is not None else norm
 
 
 def _call_loss(loss_fn: LossFn, batch: dict, undo_scale: int, output: torch.Tensor):

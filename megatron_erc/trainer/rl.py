@@ -56,7 +56,7 @@ def train(cfg: TrainConfig, ctx: RunContext) -> list[dict]:
                           for mini in _minibatches(micro, cfg.run.updates_per_rollout)]
             t["update"] = time.perf_counter()
             m.update(_mean(per_update))
-            m.update(sync_engine(cfg, ctx))                                 # weights -> engine
+            m.update(sync_engine(cfg, ctx.actor, ctx.engine))               # weights -> engine
             t["sync"] = time.perf_counter()
             m.update(_time_split(t, batch))
         else:  # every group had equal rewards in every round: nothing to learn from
@@ -67,10 +67,10 @@ def train(cfg: TrainConfig, ctx: RunContext) -> list[dict]:
         m["step"] = step
         ctx.log(m)
         history.append(m)
-        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+        stop = ctx.should_stop()  # SIGTERM: save and leave cleanly
+        if stop or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
             ctx.save(step)
-        if ctx.should_stop():  # SIGTERM: save and leave cleanly
-            ctx.save(step)
+        if stop:
             break
     return history
 

@@ -104,6 +104,7 @@ def run_train(cfg: TrainConfig, validate_first: bool = False) -> list[dict]:
     from megatron_erc.rewards import RewardGrader
     from megatron_erc.trainer import checkpoint as ckpt
     from megatron_erc.trainer.rl import RunContext, train
+    from megatron_erc.trainer.steps import sync_engine
 
     if cfg.data is None:
         raise ValueError("data.path is required: a JSONL or Parquet prompt file")
@@ -118,15 +119,18 @@ def run_train(cfg: TrainConfig, validate_first: bool = False) -> list[dict]:
     prompts = [(s.prompt_ids, s.record.answer) for s in data.samples]
     actor = build_actor(cfg)
     rng = random.Random(cfg.run.seed * 1000 + ps.get_data_parallel_rank())
+    # The engine is built first: its construction draws random numbers, and a resumed run
+    # must continue from exactly the RNG state the checkpoint saved.
+    engine, kind = build_engine(cfg, actor)
     start_step = 0
     resumed = ckpt.load_checkpoint(cfg.checkpoint.resume, run_dir / "checkpoints", actor) \
         if cfg.checkpoint.resume else None
     if resumed is not None:
         start_step, extra = resumed
         rng.setstate(_tuple_state(extra["rng"]))
+        sync_engine(cfg, actor, engine)
         if rank0:
             print(f"[train] resumed from step {start_step}", flush=True)
-    engine, kind = build_engine(cfg, actor)
     grader = RewardGrader(cfg.rollout.reward_fn, timeout_s=cfg.rollout.reward_timeout_s,
                           num_workers=1) if engine is not None else None
     validate = _validator(cfg, tokenizer, engine, grader) if rank0 and engine else None
@@ -155,9 +159,11 @@ def run_train(cfg: TrainConfig, validate_first: bool = False) -> list[dict]:
         print(f"[train] {len(prompts)} prompts, engine={kind}, world={dist.get_world_size()}, "
               f"tp={cfg.parallel.tp}, run dir {run_dir.resolve()}", flush=True)
     try:
+        history = []
         if validate_first and validate is not None and start_step == 0:
-            log_metrics({"step": 0, "val/accuracy": validate()})
-        history = train(cfg, ctx)
+            history.append({"step": 0, "val/accuracy": validate()})
+            log_metrics(history[0])
+        history += train(cfg, ctx)
         if history and not (cfg.checkpoint.every and history[-1]["step"] % cfg.checkpoint.every
                             == 0) and not stop["flag"]:
             save(history[-1]["step"])  # at exit

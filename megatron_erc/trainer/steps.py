@@ -105,8 +105,9 @@ def score_old_logprobs(actor, micro_batches: list[dict]) -> None:
     actor.forward_backward(micro_batches, loss_fn, forward_only=True)
 
 
-def update(cfg, actor, mini: list[dict]) -> dict:
-    """One optimizer step on a mini-batch; token-mean over its global response tokens."""
+def policy_loss_fn(cfg, actor, mini: list[dict]):
+    """The per-micro-batch loss of one mini-batch: token-mean over its global response
+    tokens (all micro-batches, all DP ranks), so neither the split nor DP changes it."""
     dp = actor.dp_group
     num_tokens = global_token_count(mini, dp_group=dp)
     for mb in mini:
@@ -124,6 +125,12 @@ def update(cfg, actor, mini: list[dict]) -> dict:
                 logp, mb["loss_mask"], mb["rewards"], num_tokens=pos_tokens)
         return loss, {**m, "loss": loss.detach()}
 
+    return loss_fn
+
+
+def update(cfg, actor, mini: list[dict]) -> dict:
+    """One optimizer step on a mini-batch."""
+    loss_fn = policy_loss_fn(cfg, actor, mini)
     per_micro = actor.forward_backward(mini, loss_fn)
     applied, grad_norm = actor.step()
     out = {"grad_norm": grad_norm, "skipped_steps": float(not applied), "lr": actor.lr()}
@@ -135,17 +142,17 @@ def update(cfg, actor, mini: list[dict]) -> dict:
     return out
 
 
-def sync_engine(cfg, ctx) -> dict:
+def sync_engine(cfg, actor, engine) -> dict:
     """Stream the updated weights into the engine in buckets (every TP rank gathers in
     lockstep; only the engine rank consumes)."""
     from megatron_erc.rollout import sync_weights
 
-    weights = ctx.actor.hf_weights()
-    if ctx.engine is None:
+    weights = actor.hf_weights()
+    if engine is None:
         for _ in weights:
             pass
         return {}
-    stats = sync_weights(ctx.engine, weights, cfg.rollout.weight_sync_bucket_mb << 20)
+    stats = sync_weights(engine, weights, cfg.rollout.weight_sync_bucket_mb << 20)
     return {"sync/bytes": float(stats.bytes), "sync/seconds": stats.seconds}
 
 

@@ -1,0 +1,35 @@
+"""Token-mean over the global token count: the policy loss and its gradients do not change
+with the micro-batch split or the data-parallel size; a non-finite step is skipped."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tests.distributed.harness import run_distributed
+from tests.distributed.trainer_cases import grads_for_split, nonfinite_step_is_skipped
+
+
+def _max_rel(a: dict, b: dict) -> float:
+    return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)) for k in b)
+
+
+def test_loss_and_grads_invariant_to_micro_batch_split_and_dp():
+    ref = run_distributed(grads_for_split, 1, 16)[0]          # one micro-batch, DP=1
+    split4 = run_distributed(grads_for_split, 1, 4)[0]        # four micro-batches
+    dp2 = run_distributed(grads_for_split, 2, 4)              # DP=2, two micro-batches each
+    assert 0.0 < ref["erc_dropped"] < 1.0, "the case must exercise the ERC mask"
+    assert math.isclose(split4["loss"], ref["loss"], rel_tol=1e-5)
+    assert _max_rel(split4["grads"], ref["grads"]) < 1e-5
+    for r in dp2:
+        assert math.isclose(r["loss"], ref["loss"], rel_tol=1e-5), (r["loss"], ref["loss"])
+        assert _max_rel(r["grads"], ref["grads"]) < 1e-5
+    # and the check can fail: a different batch gives different gradients
+    assert any(not torch.allclose(ref["grads"][k], 0 * ref["grads"][k]) for k in ref["grads"])
+
+
+def test_nonfinite_loss_skips_the_step_and_keeps_weights():
+    r = run_distributed(nonfinite_step_is_skipped, 1)[0]
+    assert not r["applied"] and not math.isfinite(r["norm"]) and r["unchanged"]
+    assert r["applied2"] and math.isfinite(r["norm2"]) and r["changed"]
