@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="the embedded default job on this machine")
     demo.add_argument("--out", default="runs/demo", help="run directory")
     demo.add_argument("--sft-steps", type=int, default=150)
-    demo.add_argument("--rl-steps", type=int, default=30)
+    demo.add_argument("--rl-steps", type=int, default=60)
     demo.add_argument("--seed", type=int, default=0)
     for name, text in (("train", "RL training (DAPO/GPPO + ERC)"),
                        ("sft", "supervised warm start, exported as an HF directory"),

@@ -46,7 +46,7 @@ def prepare(root: pathlib.Path, seed: int = 0) -> None:
     model.save_pretrained(root / "init")
 
 
-def run_demo(out_dir: str = "runs/demo", sft_steps: int = 150, rl_steps: int = 30,
+def run_demo(out_dir: str = "runs/demo", sft_steps: int = 150, rl_steps: int = 60,
              seed: int = 0) -> dict:
     from megatron_erc.config_io import load_config
     from megatron_erc.plot import plot_run

@@ -24,3 +24,8 @@ if [ ! -f "$stamp" ]; then
     "${pip[@]}" install -c constraints.txt -e "$spec"
     touch "$stamp"
 fi
+# Rollouts: the CPU build of vLLM on machines without CUDA (CUDA machines: pip install
+# '.[vllm]'). Set MEGATRON_ERC_NO_VLLM=1 to skip; the embedded engine is used then.
+if [ -z "${MEGATRON_ERC_NO_VLLM:-}" ] && ! command -v nvidia-smi >/dev/null 2>&1; then
+    bash scripts/install_vllm.sh
+fi

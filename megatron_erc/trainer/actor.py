@@ -138,6 +138,9 @@ class Actor:
         if not forward_only:
             for m in self.model:
                 m.zero_grad_buffer()
+            # The optimizer leaves param.grad aliasing main_grad after a step; autograd would
+            # then accumulate the first micro-batch into main_grad and DDP's hook add it again.
+            self.optimizer.zero_grad()
         self.config.calculate_per_token_loss = False
         with torch.set_grad_enabled(not forward_only):
             return get_forward_backward_func()(

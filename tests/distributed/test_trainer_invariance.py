@@ -8,7 +8,11 @@ import math
 import torch
 
 from tests.distributed.harness import run_distributed
-from tests.distributed.trainer_cases import grads_for_split, nonfinite_step_is_skipped
+from tests.distributed.trainer_cases import (
+    grads_after_a_step_are_not_double_counted,
+    grads_for_split,
+    nonfinite_step_is_skipped,
+)
 
 
 def _max_rel(a: dict, b: dict) -> float:
@@ -33,3 +37,7 @@ def test_nonfinite_loss_skips_the_step_and_keeps_weights():
     r = run_distributed(nonfinite_step_is_skipped, 1)[0]
     assert not r["applied"] and not math.isfinite(r["norm"]) and r["unchanged"]
     assert r["applied2"] and math.isfinite(r["norm2"]) and r["changed"]
+
+
+def test_gradients_after_an_optimizer_step_are_not_double_counted():
+    assert run_distributed(grads_after_a_step_are_not_double_counted, 1)[0] == 0.0

@@ -100,3 +100,24 @@ def nonfinite_step_is_skipped(rank: int, world: int):
                   for n, p in actor.model[0].module.named_parameters())
     return {"applied": applied, "norm": norm, "unchanged": unchanged, "applied2": applied2,
             "norm2": norm2, "changed": changed}
+
+
+def grads_after_a_step_are_not_double_counted(rank: int, world: int):
+    """After an optimizer step, the next forward/backward must give the same gradients as a
+    repeat of it (megatron's optimizer leaves param.grad aliasing main_grad)."""
+    from megatron_erc.trainer.batch import split
+
+    actor, _ = _setup()
+    batch = _batch(actor.vocab_size)
+
+    def loss_fn(logits, mb):
+        logp, _ = actor.logprobs(logits, mb["labels"])
+        return -(logp * mb["loss_mask"]).sum() / 100, {}
+
+    actor.forward_backward(split(batch, 8), loss_fn)
+    assert actor.step()[0]
+    grads = []
+    for _ in range(2):
+        actor.forward_backward(split(batch, 8), loss_fn)
+        grads.append({n: p.main_grad.clone() for n, p in actor.model[0].module.named_parameters()})
+    return max(float((grads[0][n] - grads[1][n]).abs().max()) for n in grads[0])
