@@ -89,6 +89,11 @@ def _convert(tp, value: Any, name: str):
         return from_dict(tp, value, name)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-5" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, float, str, bool) and not _fits(tp, value):
         raise ConfigError(f"{name} must be of type {tp.__name__}, got {value!r}")
     if origin is typing.Literal and value not in typing.get_args(tp):

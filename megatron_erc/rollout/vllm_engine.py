@@ -140,6 +140,12 @@ class VLLMEngine:
     ) -> list[list[Sample]]:
         from vllm import SamplingParams
 
+        # vLLM 0.32's CPU build crashes on per-request seeds combined with top-p ("CPU
+        # Generator does not use offset") and the engine dies; there, sampling follows the
+        # engine-wide seed only.
+        seeded = sampling.seed is not None and (torch.cuda.is_available()
+                                                or sampling.top_p == 1.0)
+
         def params(i: int) -> SamplingParams:
             return SamplingParams(
                 n=sampling.n,
@@ -147,7 +153,7 @@ class VLLMEngine:
                 top_p=sampling.top_p,
                 max_tokens=sampling.max_tokens,
                 # One seed per prompt (vLLM gives a prompt's n children seed + k).
-                seed=None if sampling.seed is None else sampling.seed + i * sampling.n,
+                seed=sampling.seed + i * sampling.n if seeded else None,
                 stop_token_ids=list(sampling.stop_token_ids),
                 ignore_eos=True,  # only the caller's stop_token_ids end a response
                 logprobs=0,  # the sampled token's log-prob only
