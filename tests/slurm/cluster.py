@@ -98,7 +98,7 @@ class SlurmCluster:
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
         self._pids: list[int] = []  # started by us, stopped in reverse order
 
-    def start(self, timeout_s: float = 120) -> "SlurmCluster":
+    def start(self, timeout_s: float = 120) -> SlurmCluster:
         if os.geteuid() != 0:
             raise SlurmUnavailable("the test cluster runs slurmctld/slurmd as root; not root")
         ensure_installed()
@@ -114,12 +114,30 @@ class SlurmCluster:
         self._wait_idle(timeout_s)
         return self
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 120) -> None:
+        """Cancel whatever jobs are left (their slurmstepd would outlive slurmd), then stop the
+        daemons this cluster started, by pid."""
+        if self._pids and self.conf.exists():
+            subprocess.run(["scancel", "--partition=debug"], env=self.env, capture_output=True,
+                           timeout=60)
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                res = subprocess.run(["squeue", "-h", "-o", "%A"], env=self.env,
+                                     capture_output=True, text=True, timeout=60)
+                if res.returncode != 0 or not res.stdout.strip():
+                    break
+                time.sleep(1)
         while self._pids:
             _stop_pid(self._pids.pop())
 
-    def run(self, *cmd: str, check: bool = True, timeout: float = 60) -> str:
-        res = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout)
+    def run(self, *cmd: str, check: bool = True, timeout: float = 120, tries: int = 5) -> str:
+        """Run a client command; retried when slurmctld is too busy to answer in time."""
+        for attempt in range(tries):
+            res = subprocess.run(cmd, env=self.env, capture_output=True, text=True,
+                                 timeout=timeout)
+            if res.returncode == 0 or "timed out" not in res.stderr or attempt == tries - 1:
+                break
+            time.sleep(2)
         if check and res.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} exited {res.returncode}: {res.stderr}")
         return res.stdout
@@ -167,7 +185,8 @@ SlurmdUser=root
 MpiDefault=none
 ReturnToService=2
 MinJobAge=3600
-KillWait=30
+KillWait=10
+MessageTimeout=60
 StateSaveLocation={r}/state
 SlurmdSpoolDir={r}/spool
 SlurmctldPidFile={r}/slurmctld.pid
