@@ -1,0 +1,410 @@
+"""Training checkpoints: model, optimizer, LR schedule, RNG and trainer state, resumable at
+any TP/PP.
+
+A checkpoint is ``root/step_{step:08d}/`` holding:
+
+* what megatron-core's ``dist_checkpointing`` (torch_dist) writes for
+  ``{"model": ..., "optimizer": ...}`` (``model0``, ``model1``, ... with virtual pipeline
+  stages). Tensors are keyed by their global (unsharded) names, so a checkpoint written at
+  one TP/PP loads at another. The distributed optimizer is saved in the
+  ``fully_reshardable`` format (the default one rejects our unflattened parameters);
+* ``megatron_erc.json`` and ``hf/config.json`` as written by ``hf_checkpoint``, so
+  ``megatron-to-hf`` exports a training checkpoint directly;
+* ``trainer_state.pt``: the step, the caller's ``extra_state`` (data-loader position, ...)
+  and the actor's LR-scheduler state when it has one (rank 0's copy);
+* ``rng/rank_XXXXX.pt``: each rank's python / numpy / torch (CPU, CUDA) / megatron
+  tensor-parallel tracker RNG states;
+* ``COMPLETE``: JSON written last, before the directory gets its final name.
+
+Every rank writes into ``root/.step_{step:08d}.tmp-<uuid>``; after a barrier rank 0 writes
+the side files and the marker and renames the directory into place, so a writer killed at
+any point leaves either the previous set of checkpoints or the new one, never a
+half-written ``step_*`` directory. Files written with ``torch.save`` are read back with
+``weights_only=True`` only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import random
+import re
+import shutil
+import time
+import uuid
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_erc.models.hf_checkpoint import FORMAT as MODEL_FORMAT
+from megatron_erc.models.hf_checkpoint import HF_SUBDIR, META_FILE
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "megatron_erc.train/1"
+COMPLETE_FILE = "COMPLETE"
+TRAINER_STATE_FILE = "trainer_state.pt"
+RNG_SUBDIR = "rng"
+# The default distributed-optimizer format raises "flattened_range is not supported";
+# fully_reshardable stores optimizer state in model (global tensor) space like plain Adam.
+SHARDING_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
+                     "chained_optim_avoid_prefix": True}
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+_TMP_DIR = re.compile(r"^\.step_\d{8}\.(tmp|old)-[0-9a-f]+$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or resumed; the message says which and why."""
+
+
+def step_dir(root: str | os.PathLike, step: int) -> pathlib.Path:
+    return pathlib.Path(root) / f"step_{step:08d}"
+
+
+# ---------------------------------------------------------------- finding checkpoints
+def _read_marker(path: pathlib.Path) -> dict | None:
+    try:
+        marker = json.loads((path / COMPLETE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if marker.get("format") == FORMAT else None
+
+
+def list_complete(root: str | os.PathLike) -> list[tuple[int, pathlib.Path]]:
+    """``(step, path)`` of the complete checkpoints under ``root``, oldest first. Temporary
+    directories of interrupted writers and directories without the marker are skipped."""
+    root = pathlib.Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in root.iterdir():
+        m = _STEP_DIR.match(entry.name)
+        if m and entry.is_dir():
+            marker = _read_marker(entry)
+            if marker is not None and marker.get("step") == int(m.group(1)):
+                found.append((int(m.group(1)), entry))
+    return sorted(found)
+
+
+def find_latest(root: str | os.PathLike) -> pathlib.Path | None:
+    """The newest complete checkpoint under ``root``, or None."""
+    found = list_complete(root)
+    return found[-1][1] if found else None
+
+
+# ---------------------------------------------------------------- state dicts
+def _model_keys(actor) -> list[str]:
+    return ["model"] if len(actor.model) == 1 else [f"model{i}" for i in range(len(actor.model))]
+
+
+def _sharded_state_dict(actor, *, is_loading: bool) -> dict:
+    state = {key: chunk.module.sharded_state_dict()
+             for key, chunk in zip(_model_keys(actor), actor.model, strict=True)}
+    if is_loading:
+        _init_empty_optimizer_state(actor.optimizer)
+    state["optimizer"] = actor.optimizer.sharded_state_dict(
+        state, is_loading=is_loading, metadata=dict(SHARDING_METADATA))
+    return state
+
+
+def _torch_optimizers(optimizer) -> list:
+    """The ``torch.optim`` optimizers inside a (chained) megatron optimizer."""
+    inner = getattr(optimizer, "chained_optimizers", None)
+    if inner is not None:
+        return [t for o in inner for t in _torch_optimizers(o)]
+    return [optimizer.optimizer] if getattr(optimizer, "optimizer", None) is not None else []
+
+
+def _is_distributed(optimizer) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    return any(isinstance(o, DistributedOptimizer) for o in inner)
+
+
+def _init_empty_optimizer_state(optimizer) -> None:
+    """Give a never-stepped torch Adam its state tensors, ``step`` included.
+
+    megatron-core 0.16.1's distributed optimizer reads ``state["step"]`` of every parameter
+    when building the state dict it loads into, and asserts on an empty state (a freshly
+    built actor). The values are overwritten by the load.
+    """
+    for opt in _torch_optimizers(optimizer):
+        for group in opt.param_groups:
+            for p in group["params"]:
+                state = opt.state[p]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p,
+                                                           memory_format=torch.preserve_format)
+                state.setdefault("step", torch.tensor(0.0))
+
+
+def _untie_adam_steps(optimizer) -> None:
+    """One ``step`` tensor per parameter after a load.
+
+    megatron-core 0.16.1 restores the distributed optimizer's steps as one tensor shared by
+    every parameter; torch Adam increments it in place once per parameter, which skews the
+    bias correction of every later step. A checkpoint written before the first optimizer
+    step has no step at all (torch Adam then raises ``KeyError: 'step'``): start at 0.
+    """
+    for opt in _torch_optimizers(optimizer):
+        for state in opt.state.values():
+            step = state.get("step")
+            state["step"] = (step.detach().clone().float() if torch.is_tensor(step)
+                             else torch.tensor(float(step or 0.0)))
+
+
+def _load_optimizer(optimizer, state_dict) -> None:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    inner = getattr(optimizer, "chained_optimizers", None)
+    if inner is None:
+        pairs = [(optimizer, state_dict)]
+    elif len(inner) == 1:  # a chain of one saves its member's state dict unwrapped
+        pairs = [(inner[0], state_dict)]
+    else:
+        pairs = [(opt, state_dict[i]) for i, opt in enumerate(inner)]
+    for opt, sd in pairs:
+        if isinstance(opt, DistributedOptimizer):
+            _load_distributed_optimizer(opt, sd)
+        else:
+            opt.load_state_dict(sd)
+    if inner is not None and len(inner) > 1:
+        optimizer._synchronize_steps()
+    _untie_adam_steps(optimizer)
+
+
+def _load_distributed_optimizer(opt, state_dict: dict) -> None:
+    """``DistributedOptimizer.load_state_dict`` in two halves, around a megatron-core 0.16.1
+    bug: it copies every per-parameter state entry from the checkpoint, ``step`` included,
+    which the fully_reshardable format does not store per parameter (``KeyError: 'step'``).
+    """
+    sharding = state_dict.get("param_state_sharding_type")
+    if sharding != "fully_reshardable":
+        raise CheckpointError(f"distributed-optimizer state in format {sharding!r}; only "
+                              "'fully_reshardable' checkpoints can be resumed")
+    # param groups (lr, Adam step) and grad scaler; allocates the state tensors
+    opt.load_state_dict({k: v for k, v in state_dict.items()
+                         if k not in ("param_state", "param_state_sharding_type")})
+    steps = {p: s.pop("step") for p, s in opt.optimizer.state.items() if "step" in s}
+    try:
+        opt.load_parameter_state_from_fully_reshardable(state_dict["param_state"])
+    finally:
+        for p, step in steps.items():
+            opt.optimizer.state[p]["step"] = step
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                  "has_gauss": has_gauss, "cached_gaussian": cached},
+        "torch": torch.get_rng_state(),
+        "tracker": {k: v.clone() for k, v in
+                    tensor_parallel.get_cuda_rng_tracker().get_states().items()},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _layout(actor) -> dict:
+    from megatron.core import parallel_state as ps
+
+    return {"world_size": dist.get_world_size(), "tp": actor.parallel.tp,
+            "pp": actor.parallel.pp, "vpp": actor.parallel.vpp,
+            "dp": ps.get_data_parallel_world_size()}
+
+
+# ---------------------------------------------------------------- save
+def save_checkpoint(root: str | os.PathLike, step: int, actor, extra_state: dict, *,
+                    keep_last: int) -> pathlib.Path:
+    """Write ``root/step_{step:08d}`` (collective: every rank calls it).
+
+    ``extra_state`` is rank 0's trainer state (data-loader position, counters, ...): dicts,
+    lists, tuples, strings, numbers, None and tensors only (it is read back with
+    ``weights_only=True``). ``keep_last`` complete checkpoints are kept (0 keeps all); the
+    one just written is never deleted. An existing checkpoint of the same step is replaced.
+    """
+    from megatron.core import dist_checkpointing
+
+    from megatron_erc.models.gpt import padded_vocab_size
+
+    if keep_last < 0:
+        raise ValueError(f"keep_last must be >= 0 (0 keeps every checkpoint), got {keep_last}")
+    root, rank = pathlib.Path(root), dist.get_rank()
+    final = step_dir(root, step)
+    name = [f".{final.name}.tmp-{uuid.uuid4().hex}" if rank == 0 else None]
+    dist.broadcast_object_list(name, src=0)
+    tmp = root / name[0]
+    t0 = time.perf_counter()
+    if rank == 0:
+        tmp.mkdir(parents=True)
+    dist.barrier()
+
+    dist_checkpointing.save(_sharded_state_dict(actor, is_loading=False), str(tmp),
+                            content_metadata={"format": FORMAT, **SHARDING_METADATA})
+    if rank == 0:
+        trainer_state = {"step": step, "extra_state": dict(extra_state)}
+        scheduler = getattr(actor, "lr_scheduler", None)
+        if scheduler is not None:
+            trainer_state["lr_scheduler"] = scheduler.state_dict()
+        _save_checked(trainer_state, tmp / TRAINER_STATE_FILE)
+    (tmp / RNG_SUBDIR).mkdir(exist_ok=True)
+    torch.save(_rng_state(), tmp / RNG_SUBDIR / f"rank_{rank:05d}.pt")
+    dist.barrier()  # every rank's shards and RNG state are on disk
+
+    if rank == 0:
+        par = actor.parallel
+        model_meta = {"format": MODEL_FORMAT, "tp": par.tp, "pp": par.pp,
+                      "params_dtype": par.params_dtype,
+                      "pad_vocab_multiple": par.pad_vocab_multiple,
+                      "padded_vocab_size": padded_vocab_size(actor.hf_config.vocab_size, par.tp,
+                                                             par.pad_vocab_multiple),
+                      "source": f"training step {step}"}
+        (tmp / META_FILE).write_text(json.dumps(model_meta, indent=2))
+        actor.hf_config.to_json_file(str(_mkdir(tmp / HF_SUBDIR) / "config.json"))
+        marker = {"format": FORMAT, "step": step, "time": time.time(),
+                  "distributed_optimizer": _is_distributed(actor.optimizer),
+                  "sharding_metadata": SHARDING_METADATA, **_layout(actor)}
+        _write_synced(tmp / COMPLETE_FILE, json.dumps(marker, indent=2))
+        _publish(tmp, final)
+        _prune(root, keep_last, final)
+        logger.info("saved %s in %.1f s", final, time.perf_counter() - t0)
+    dist.barrier()
+    return final
+
+
+def _mkdir(path: pathlib.Path) -> pathlib.Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _save_checked(obj: dict, path: pathlib.Path) -> None:
+    torch.save(obj, path)
+    try:
+        torch.load(path, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with what to change
+        raise CheckpointError(
+            "extra_state (and the LR-scheduler state) must hold only dicts, lists, tuples, "
+            f"strings, numbers, None and tensors so that it loads with weights_only=True: {e}"
+        ) from None
+
+
+def _write_synced(path: pathlib.Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _publish(tmp: pathlib.Path, final: pathlib.Path) -> None:
+    """Rename ``tmp`` to ``final``; a previous ``final`` is moved aside first (a directory
+    cannot be replaced atomically) and removed once the new one is in place."""
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex}"
+        os.replace(final, old)
+    os.replace(tmp, final)
+    fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _prune(root: pathlib.Path, keep_last: int, just_written: pathlib.Path) -> None:
+    """Delete all but the newest ``keep_last`` complete checkpoints (never ``just_written``)
+    and the temporary directories of interrupted writers (one trainer writes to a root)."""
+    for entry in root.iterdir():
+        if _TMP_DIR.match(entry.name):
+            shutil.rmtree(entry, ignore_errors=True)
+    if keep_last == 0:
+        return
+    complete = list_complete(root)
+    for _, path in complete[:-keep_last]:
+        if path != just_written:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- load
+def load_checkpoint(path_or_auto: str | os.PathLike, root: str | os.PathLike | None,
+                    actor) -> tuple[int, dict] | None:
+    """Restore model, optimizer, LR scheduler and RNG states into ``actor`` (collective).
+
+    ``path_or_auto`` is a checkpoint directory, or ``"auto"`` for the newest complete one
+    under ``root`` (None when there is none: a fresh start). The checkpoint may have been
+    written at another TP/PP (and DP for the distributed optimizer); RNG states are
+    restored only when the rank layout is the same. Returns ``(step, extra_state)``.
+    """
+    from megatron.core import dist_checkpointing
+
+    rank = dist.get_rank()
+    if str(path_or_auto) == "auto":
+        if root is None:
+            raise ValueError('load_checkpoint("auto", root=None): pass the checkpoint root')
+        found = [find_latest(root) if rank == 0 else None]
+        dist.broadcast_object_list(found, src=0)  # every rank resumes the same checkpoint
+        if found[0] is None:
+            return None
+        path = pathlib.Path(found[0])
+    else:
+        path = pathlib.Path(path_or_auto)
+    marker = _read_marker(path)
+    if marker is None:
+        raise CheckpointError(f"{path} is not a complete training checkpoint (no valid "
+                              f"{COMPLETE_FILE} marker); pick one listed by find_latest/"
+                              "list_complete")
+    if marker["distributed_optimizer"] != _is_distributed(actor.optimizer):
+        raise CheckpointError(
+            f"{path} was written with use_distributed_optimizer="
+            f"{marker['distributed_optimizer']}; resume with the same setting")
+    if marker.get("vpp") != actor.parallel.vpp and (marker.get("vpp") is None
+                                                     or actor.parallel.vpp is None):
+        # model0/model1... vs model: the same tensors, but megatron's dict keys differ.
+        raise CheckpointError(f"{path} was written with vpp={marker.get('vpp')}; resuming "
+                              f"with vpp={actor.parallel.vpp} is not supported")
+
+    state = _sharded_state_dict(actor, is_loading=True)
+    loaded = dist_checkpointing.load(state, str(path))
+    for key, chunk in zip(_model_keys(actor), actor.model, strict=True):
+        chunk.module.load_state_dict(loaded[key])
+    _load_optimizer(actor.optimizer, loaded["optimizer"])
+
+    trainer_state = torch.load(path / TRAINER_STATE_FILE, weights_only=True)
+    scheduler = getattr(actor, "lr_scheduler", None)
+    if scheduler is not None:
+        if "lr_scheduler" not in trainer_state:
+            raise CheckpointError(f"{path} has no LR-scheduler state but the actor has one")
+        scheduler.load_state_dict(trainer_state["lr_scheduler"])
+
+    if all(marker.get(k) == v for k, v in _layout(actor).items()):
+        rng_file = path / RNG_SUBDIR / f"rank_{rank:05d}.pt"
+        _set_rng_state(torch.load(rng_file, weights_only=True))
+    elif rank == 0:
+        logger.warning("%s was written at %s, now %s: RNG states are not restored", path,
+                       {k: marker.get(k) for k in _layout(actor)}, _layout(actor))
+    dist.barrier()
+    return int(trainer_state["step"]), trainer_state["extra_state"]
