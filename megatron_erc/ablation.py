@@ -1,0 +1,442 @@
+"""Does ERC stabilise off-policy RL? DAPO / GPPO with and without ERC, several seeds, from
+one shared supervised warm start (``docs/ablation.md``).
+
+    python -m megatron_erc.ablation run --out runs/ablation      # prepare, SFT, 4 x 3 RL runs
+    python -m megatron_erc.ablation report --out runs/ablation   # docs/ablation.md + PNGs
+
+Every RL run is its own process (megatron's parallel state is process-global); finished
+runs are skipped when ``run`` is repeated, so an interrupted ablation resumes where it
+stopped. The runner records the git commit and the exact commands in ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shlex
+import subprocess
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = REPO / "examples" / "ablation" / "offpolicy.yaml"
+SFT_CONFIG = REPO / "examples" / "tiny" / "sft.yaml"
+
+_CLIP = ["algo.surrogate=clip", "algo.eps_low=0.2", "algo.eps_high=0.28", "algo.dual_clip=10"]
+_GPPO = ["algo.surrogate=gppo", "algo.eps_low=0.2", "algo.eps_high=0.2", "algo.dual_clip=10"]
+_ERC = ["algo.erc={low: 0.95, high: 1.05}"]
+VARIANTS = {  # name -> algo overrides; ERC is the only difference within a pair
+    "dapo": _CLIP + ["algo.erc=null"],
+    "dapo_erc": _CLIP + _ERC,
+    "gppo": _GPPO + ["algo.erc=null"],
+    "gppo_erc": _GPPO + _ERC,
+}
+LABELS = {"dapo": "DAPO", "dapo_erc": "DAPO+ERC", "gppo": "GPPO", "gppo_erc": "GPPO+ERC"}
+QUICK = {"seeds": [0], "steps": 4, "sft_steps": 40}
+
+
+def git_commit() -> dict:
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout
+    return {"commit": git("rev-parse", "HEAD").strip() or "unknown",
+            "dirty_files": [ln[3:] for ln in git("status", "--porcelain").splitlines()
+                            if ln[3:].startswith(("megatron_erc/", "examples/ablation/"))]}
+
+
+def _env(threads: int) -> dict:
+    return dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(threads),
+                MKL_NUM_THREADS=str(threads))
+
+
+def rl_overrides(root: pathlib.Path, variant: str, seed: int, steps: int,
+                 extra: list[str]) -> list[str]:
+    task = root / "task"
+    return [f"run.dir={root / 'rl' / variant / f'seed{seed}'}", f"run.seed={seed}",
+            f"run.steps={steps}", f"model.path={root / 'sft' / 'hf'}",
+            f"model.tokenizer={task / 'tokenizer.model'}",
+            f"data.path={task / 'data' / 'train.jsonl'}",
+            f"validation.path={task / 'data' / 'val.jsonl'}", *VARIANTS[variant], *extra]
+
+
+def warm_start(root: pathlib.Path, sft_steps: int, sft_extra: list[str], threads: int) -> list:
+    """Task + tokenizer + random init, then one SFT run every RL run starts from."""
+    cmds = []
+    if not (root / "task" / "init").exists():
+        from megatron_erc.demo import prepare
+
+        print(f"[ablation] preparing the task in {root / 'task'}", flush=True)
+        prepare(root / "task", seed=0)
+    task = root / "task"
+    sft = [sys.executable, "-m", "megatron_erc.cli", "sft", "--config", str(SFT_CONFIG),
+           f"run.dir={root / 'sft'}", f"run.steps={sft_steps}", "run.seed=0",
+           f"model.path={task / 'init'}", f"model.tokenizer={task / 'tokenizer.model'}",
+           f"data.path={task / 'data' / 'train.jsonl'}", *sft_extra]
+    cmds.append(shlex.join(sft))
+    if not (root / "sft" / "hf" / "config.json").exists():
+        print(f"[ablation] SFT warm start ({sft_steps} steps)", flush=True)
+        with open(root / "sft.log", "w") as log:
+            subprocess.run(sft, cwd=REPO, env=_env(threads), stdout=log,
+                           stderr=subprocess.STDOUT, check=True)
+    return cmds
+
+
+def run_ablation(root: pathlib.Path, seeds: list[int], steps: int, sft_steps: int,
+                 variants: list[str], extra: list[str], sft_extra: list[str],
+                 jobs: int = 2, command: str | None = None) -> dict:
+    root = root.resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    threads = max(1, (os.cpu_count() or 2) // jobs)
+    manifest = {"code": git_commit(), "command": command or "python -m megatron_erc.ablation run",
+                "config": str(CONFIG.relative_to(REPO)),
+                "seeds": seeds, "steps": steps, "sft_steps": sft_steps, "variants": variants,
+                "extra_overrides": extra, "started": time.strftime("%Y-%m-%d %H:%M:%S UTC",
+                                                                    time.gmtime())}
+    manifest["sft_command"] = warm_start(root, sft_steps, sft_extra, threads)
+    manifest["sft_seconds"] = round(time.time() - t0, 1)
+    # seed-major order: if the budget runs out, every variant has the same seeds done
+    queue = [(v, s) for s in seeds for v in variants]
+    running: list[tuple] = []
+    runs = {}
+    while queue or running:
+        while queue and len(running) < jobs:
+            v, s = queue.pop(0)
+            run_dir = root / "rl" / v / f"seed{s}"
+            cmd = [sys.executable, "-m", "megatron_erc.ablation", "train-one", "--config",
+                   str(CONFIG), *rl_overrides(root, v, s, steps, extra)]
+            runs[f"{v}/seed{s}"] = {"variant": v, "seed": s, "dir": str(run_dir),
+                                    "command": shlex.join(cmd)}
+            if (run_dir / "done.json").exists():
+                runs[f"{v}/seed{s}"].update(json.loads((run_dir / "done.json").read_text()))
+                continue
+            if run_dir.exists():  # a killed attempt: start it again from scratch
+                subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+            run_dir.mkdir(parents=True)
+            log = open(run_dir / "train.log", "w")  # noqa: SIM115 - closed when it exits
+            proc = subprocess.Popen(cmd, cwd=REPO, env=_env(threads), stdout=log,
+                                    stderr=subprocess.STDOUT)
+            running.append((v, s, proc, log, time.time()))
+            print(f"[ablation] started {v} seed {s}", flush=True)
+        time.sleep(2)
+        for item in list(running):
+            v, s, proc, log, start = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            log.close()
+            run_dir = root / "rl" / v / f"seed{s}"
+            if proc.returncode != 0:
+                tail = (run_dir / "train.log").read_text()[-3000:]
+                raise RuntimeError(f"{v} seed {s} failed ({proc.returncode}):\n{tail}")
+            done = {"seconds": round(time.time() - start, 1)}
+            (run_dir / "done.json").write_text(json.dumps(done))
+            runs[f"{v}/seed{s}"].update(done)
+            print(f"[ablation] finished {v} seed {s} in {done['seconds']} s", flush=True)
+    manifest.update(runs=runs, total_seconds=round(time.time() - t0, 1), jobs=jobs,
+                    finished=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def train_one(config: str, overrides: list[str]) -> None:
+    """One RL run with step-0 validation of the warm start (the CLI has none)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.core.*")
+    from megatron_erc.config_io import load_config
+    from megatron_erc.trainer.config import TrainConfig
+    from megatron_erc.trainer.run import run_train
+
+    run_train(load_config(TrainConfig, config, overrides), validate_first=True)
+
+
+# ---------------------------------------------------------------------------- report
+
+SPIKE_K = 3.0
+"""A grad-norm spike is a step whose grad norm exceeds ``SPIKE_K`` x the run's median."""
+TAIL = 5
+"""Training accuracy at the end of a run is the mean over its last ``TAIL`` steps."""
+
+
+def load_runs(root: pathlib.Path) -> dict[str, dict[int, list[dict]]]:
+    """``{variant: {seed: metric rows}}`` of every finished run under ``root/rl``."""
+    from megatron_erc.trainer.metrics import read_metrics
+
+    out: dict[str, dict[int, list[dict]]] = {}
+    for v in VARIANTS:
+        for d in sorted((root / "rl" / v).glob("seed*")):
+            if (d / "done.json").exists():
+                out.setdefault(v, {})[int(d.name[4:])] = read_metrics(d)
+    return out
+
+
+def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+    return [p[0] for p in pts], [float(p[1]) for p in pts]
+
+
+def run_stats(rows: list[dict]) -> dict:
+    """Per-run summary numbers (one seed); the table averages them over seeds."""
+    import numpy as np
+
+    _, val = series(rows, "val/accuracy")
+    _, acc = series(rows, "accuracy")
+    _, ent = series(rows, "entropy/mean")
+    _, gn = series(rows, "grad_norm")
+    med = float(np.median(gn)) if gn else float("nan")
+
+    def mean_of(key):
+        return float(np.mean(series(rows, key)[1] or [float("nan")]))
+
+    return {
+        "val_start": val[0] if val else float("nan"),
+        "val_final": val[-1] if val else float("nan"),
+        "train_final": float(np.mean(acc[-TAIL:])) if acc else float("nan"),
+        "entropy_final": ent[-1] if ent else float("nan"),
+        "entropy_fluct": float(np.std(np.diff(ent))) if len(ent) > 2 else float("nan"),
+        "grad_norm_max": max(gn) if gn else float("nan"),
+        "grad_spikes": int(sum(g > SPIKE_K * med for g in gn)),
+        "erc_drop": mean_of("erc/dropped_frac"),
+        "clip_frac": float(np.mean([sum(r.get(k) or 0.0 for k in
+                                        ("clip/low_frac", "clip/high_frac", "clip/dual_frac"))
+                                    for r in rows if "grad_norm" in r] or [float("nan")])),
+        "skipped": int(sum(r.get("skipped_steps", 0) for r in rows)),
+    }
+
+
+TABLE = [  # (stat, column header, format)
+    ("val_start", "val acc, warm start", "{:.1%}"),
+    ("val_final", "val acc, final", "{:.1%}"),
+    ("train_final", f"train acc, last {TAIL} steps", "{:.1%}"),
+    ("entropy_fluct", "entropy fluctuation (std of step-to-step change)", "{:.4f}"),
+    ("entropy_final", "final entropy", "{:.3f}"),
+    ("grad_spikes", f"grad-norm spikes (> {SPIKE_K:g} x median)", "{:.1f}"),
+    ("grad_norm_max", "max grad norm", "{:.2f}"),
+    ("erc_drop", "ERC dropped frac (mean)", "{:.2%}"),
+    ("clip_frac", "PPO clip frac (low+high+dual, mean)", "{:.3%}"),
+]
+
+
+def _mean_sd(xs: list[float], fmt: str) -> str:
+    import numpy as np
+
+    xs = [x for x in xs if x == x]
+    if not xs:
+        return "n/a"
+    return fmt.format(np.mean(xs)) + (f" ± {fmt.format(np.std(xs))}" if len(xs) > 1 else "")
+
+
+def plot_metric(runs: dict, keys: list[tuple[str, str]], title: str, out: pathlib.Path) -> None:
+    """One panel per ``(metric, label)``; per variant the seed mean, shaded min..max."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4), squeeze=False)
+    for ax, (key, label) in zip(axes[0], keys, strict=True):
+        for i, (v, seeds) in enumerate(runs.items()):
+            per_seed = [dict(zip(*series(rows, key), strict=True)) for rows in seeds.values()]
+            steps = sorted(set().union(*per_seed))
+            if not steps:
+                continue
+            ys = np.array([[d.get(s, np.nan) for s in steps] for d in per_seed])
+            color, style = f"C{i // 2}", "-" if v.endswith("_erc") else "--"
+            ax.plot(steps, np.nanmean(ys, 0), style, color=color, label=LABELS[v],
+                    marker="o" if len(steps) < 8 else None, ms=3)
+            if len(per_seed) > 1:
+                ax.fill_between(steps, np.nanmin(ys, 0), np.nanmax(ys, 0), color=color,
+                                alpha=0.12 if style == "-" else 0.06)
+        ax.set_title(label)
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+
+
+PLOTS = {  # file name -> (title, panels)
+    "accuracy.png": ("Accuracy (mean over seeds; shaded: min..max)",
+                     [("val/accuracy", "validation accuracy"),
+                      ("accuracy", "training-rollout accuracy")]),
+    "entropy.png": ("Policy entropy", [("entropy/mean", "mean token entropy (current policy)")]),
+    "grad_norm.png": ("Gradient norm (before clipping at 1.0)", [("grad_norm", "grad norm")]),
+    "clip_drop.png": ("What the clipping mechanisms touch",
+                      [("erc/dropped_frac", "ERC dropped fraction"),
+                       ("clip/high_frac", "PPO clip fraction, ratio > 1+eps_high"),
+                       ("clip/low_frac", "PPO clip fraction, ratio < 1-eps_low")]),
+}
+
+
+def write_report(root: pathlib.Path, docs: pathlib.Path) -> pathlib.Path:
+    """``docs/ablation.md`` and ``docs/ablation/*.png`` from the runs under ``root``."""
+    runs = load_runs(root)
+    if not runs:
+        raise ValueError(f"no finished runs under {root / 'rl'}")
+    manifest = json.loads((root / "manifest.json").read_text()) \
+        if (root / "manifest.json").exists() else {}
+    (docs / "ablation").mkdir(parents=True, exist_ok=True)
+    for name, (title, keys) in PLOTS.items():
+        plot_metric(runs, keys, title, docs / "ablation" / name)
+    stats = {v: {s: run_stats(rows) for s, rows in seeds.items()} for v, seeds in runs.items()}
+    md = render_markdown(root, manifest, runs, stats)
+    (docs / "ablation.md").write_text(md)
+    (root / "stats.json").write_text(json.dumps(stats, indent=2))
+    return docs / "ablation.md"
+
+
+def paired(stats: dict, base: str, key: str, lower_is_better: bool) -> str | None:
+    """``ERC better in k/n seeds`` for one metric, seeds paired (same seed, same prompts)."""
+    a, b = stats.get(base, {}), stats.get(base + "_erc", {})
+    seeds = sorted(set(a) & set(b))
+    pairs = [(a[s][key], b[s][key]) for s in seeds if a[s][key] == a[s][key]
+             and b[s][key] == b[s][key]]
+    if not pairs:
+        return None
+    better = sum((y < x) if lower_is_better else (y > x) for x, y in pairs)
+    worse = sum((y > x) if lower_is_better else (y < x) for x, y in pairs)
+    return f"better in {better}/{len(pairs)} seeds, worse in {worse}/{len(pairs)}"
+
+
+def render_markdown(root: pathlib.Path, manifest: dict, runs: dict, stats: dict) -> str:
+    code = manifest.get("code", {})
+    cfg = json.loads(next(iter(runs_dirs(root, runs))).joinpath("config.json").read_text())
+    seeds = sorted({s for v in runs.values() for s in v})
+    L = ["# Does ERC stabilise off-policy RL? A miniature reproduction", "",
+         "> Generated by `python -m megatron_erc.ablation report` from the runs in "
+         f"`{root.name}/`; do not edit by hand, regenerate.", ""]
+    L += ["## Setup", "",
+          f"- Code: commit `{code.get('commit', 'unknown')}`"
+          + (f" (uncommitted changes in {', '.join(code['dirty_files'])})"
+             if code.get("dirty_files") else "") + f", recorded by the runner at "
+          f"{manifest.get('started', '?')}.",
+          "- Task: the embedded arithmetic task (`megatron_erc.demo.prepare`, single-digit "
+          "+/-, boxed answers), tiny random-init Qwen2-layout model "
+          "(`examples/tiny/config.json`), SentencePiece vocabulary of 320.",
+          f"- One shared warm start: {manifest.get('sft_steps', '?')} SFT steps "
+          "(`examples/tiny/sft.yaml`); every RL run starts from that same HF directory.",
+          f"- RL (`{manifest.get('config', 'examples/ablation/offpolicy.yaml')}`): "
+          f"{cfg['run']['steps']} steps, {cfg['rollout']['prompts_per_step']} prompts x "
+          f"{cfg['rollout']['n']} responses per step (dynamic sampling, up to "
+          f"{cfg['rollout']['max_gen_batches']} generation rounds), "
+          f"**{cfg['run']['updates_per_rollout']} mini-batch updates per rollout** (all but the "
+          f"first off-policy), lr {cfg['optim']['lr']:g}, grad clip {cfg['optim']['clip_grad']}, "
+          f"positive-example NLL {cfg['algo']['pos_nll_coef']}, temperature "
+          f"{cfg['rollout']['temperature']}, <= {cfg['rollout']['max_response_tokens']} "
+          f"response tokens, rollout engine `{cfg['rollout']['engine']}`.",
+          f"- Validation: first {cfg['validation']['max_prompts']} held-out prompts x "
+          f"{cfg['validation']['samples_per_prompt']} samples at temperature "
+          f"{cfg['validation']['temperature']}, at step 0 and every "
+          f"{cfg['validation']['every']} steps.",
+          f"- Seeds {seeds} (`run.seed`: prompt order, sampling); a seed means the same for "
+          "every variant, so comparisons below are paired by seed.",
+          "- Variants (only `algo.*` differs):", ""]
+    for v in runs:
+        L.append(f"  - **{LABELS[v]}**: `{' '.join(VARIANTS[v])}`")
+    if manifest.get("extra_overrides"):
+        L.append(f"- Extra overrides for every run: `{' '.join(manifest['extra_overrides'])}`")
+    L += ["", "## Results", "",
+          "Mean ± std over seeds (population std; "
+          f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''}). Fractions are per response token, "
+          "averaged over steps.", ""]
+    for cols in (TABLE[:3], TABLE[3:]):
+        L.append("| variant | seeds | " + " | ".join(h for _, h, _ in cols) + " |")
+        L.append("|---" * (len(cols) + 2) + "|")
+        for v, per_seed in stats.items():
+            cells = [_mean_sd([st[k] for st in per_seed.values()], f)
+                     if k != "erc_drop" or v.endswith("_erc") else "(off)" for k, _, f in cols]
+            L.append(f"| {LABELS[v]} | {len(per_seed)} | " + " | ".join(cells) + " |")
+        L.append("")
+    L += ["Paired by seed, ERC vs the same surrogate without it:", ""]
+    for base in ("dapo", "gppo"):
+        for key, what, lower in (("val_final", "final val accuracy", False),
+                                 ("train_final", "final train accuracy", False),
+                                 ("entropy_fluct", "entropy fluctuation", True),
+                                 ("grad_spikes", "grad-norm spikes", True)):
+            res = paired(stats, base, key, lower)
+            if res:
+                L.append(f"- {LABELS[base]}+ERC vs {LABELS[base]}, {what}: {res}")
+    L += [""] + [f"![{t}](ablation/{n})" for n, (t, _) in PLOTS.items()]
+    L += ["", "## Wall time", ""]
+    if manifest:
+        secs = [r["seconds"] for r in manifest.get("runs", {}).values() if "seconds" in r]
+        L.append(f"SFT warm start {manifest.get('sft_seconds', '?')} s; RL runs "
+                 + (f"{min(secs):.0f}-{max(secs):.0f} s each (mean {sum(secs) / len(secs):.0f} s), "
+                    if secs else "")
+                 + f"{manifest.get('jobs', '?')} at a time; total "
+                 f"{manifest.get('total_seconds', '?')} s.")
+    L += ["", "## Reproduce", "", "```bash",
+          f"git checkout {code.get('commit', '<commit>')}",
+          "bash examples/ablation/run.sh            # or, step by step:",
+          "# " + manifest.get("command", "python -m megatron_erc.ablation run"),
+          f"# python -m megatron_erc.ablation report --out {root.name}", "```", "",
+          "One RL run by hand (what the runner executes per variant and seed):", "", "```bash"]
+    first = next(iter(manifest.get("runs", {}).values()), {})
+    if first:
+        L.append(first["command"].replace(str(REPO) + "/", ""))
+    L += ["```", ""]
+    notes = REPO / "examples" / "ablation" / "conclusion.md"
+    if notes.exists():
+        L += [notes.read_text().strip(), ""]
+    return "\n".join(L)
+
+
+def runs_dirs(root: pathlib.Path, runs: dict):
+    for v, seeds in runs.items():
+        for s in seeds:
+            yield root / "rl" / v / f"seed{s}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m megatron_erc.ablation",
+                                description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="warm start + every variant x seed (resumable)")
+    run.add_argument("--out", default="runs/ablation")
+    run.add_argument("--quick", action="store_true",
+                     help=f"smoke setting: {QUICK} unless given explicitly")
+    run.add_argument("--seeds", type=int, nargs="+")
+    run.add_argument("--steps", type=int, help="RL steps per run (default 30)")
+    run.add_argument("--sft-steps", type=int, help="warm-start SFT steps (default 150)")
+    run.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    run.add_argument("--jobs", type=int, default=2, help="RL runs in parallel")
+    run.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                     help="extra overrides for every RL run, e.g. optim.lr=5e-4")
+    run.add_argument("--sft-set", nargs="*", default=[], metavar="KEY=VALUE",
+                     help="extra overrides for the SFT warm start")
+    run.add_argument("--report", metavar="DOCS_DIR",
+                     help="also write the report (DOCS_DIR/ablation.md + DOCS_DIR/ablation/)")
+    rep = sub.add_parser("report", help="write ablation.md and plots from a finished run")
+    rep.add_argument("--out", default="runs/ablation")
+    rep.add_argument("--docs", default=str(REPO / "docs"))
+    one = sub.add_parser("train-one", help=argparse.SUPPRESS)
+    one.add_argument("--config", required=True)
+    one.add_argument("overrides", nargs="*")
+    argv = sys.argv[1:] if argv is None else argv
+    args = p.parse_args(argv)
+    if args.command == "train-one":
+        train_one(args.config, args.overrides)
+        return 0
+    if args.command == "run":
+        defaults = QUICK if args.quick else {"seeds": [0, 1, 2], "steps": 30, "sft_steps": 150}
+        m = run_ablation(pathlib.Path(args.out), args.seeds or defaults["seeds"],
+                         args.steps or defaults["steps"],
+                         args.sft_steps or defaults["sft_steps"], args.variants, args.set,
+                         args.sft_set, jobs=args.jobs,
+                         command=shlex.join(["python", "-m", "megatron_erc.ablation", *argv]))
+        print(f"[ablation] {len(m['runs'])} runs in {m['total_seconds']} s", flush=True)
+        if not args.report:
+            return 0
+        args.docs = args.report
+    print(write_report(pathlib.Path(args.out), pathlib.Path(args.docs)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
