@@ -247,13 +247,15 @@ def plot_metric(runs: dict, keys: list[tuple[str, str]], title: str, out: pathli
 
     fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4), squeeze=False)
     for ax, (key, label) in zip(axes[0], keys, strict=True):
-        for i, (v, seeds) in enumerate(runs.items()):
+        for v, seeds in runs.items():
+            if key.startswith("erc/") and not v.endswith("_erc"):
+                continue  # logged as 0 when ERC is off
             per_seed = [dict(zip(*series(rows, key), strict=True)) for rows in seeds.values()]
             steps = sorted(set().union(*per_seed))
             if not steps:
                 continue
             ys = np.array([[d.get(s, np.nan) for s in steps] for d in per_seed])
-            color, style = f"C{i // 2}", "-" if v.endswith("_erc") else "--"
+            color, style = f"C{list(VARIANTS).index(v) // 2}", "-" if v.endswith("_erc") else "--"
             ax.plot(steps, np.nanmean(ys, 0), style, color=color, label=LABELS[v],
                     marker="o" if len(steps) < 8 else None, ms=3)
             if len(per_seed) > 1:
