@@ -9,13 +9,14 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 BINARIES = ("slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "munged")
 MUNGE_KEY = Path("/etc/munge/munge.key")
-MUNGE_RUN = Path("/run/munge")
+MUNGE_PARENT = "/run" if os.access("/run", os.W_OK) else None
 
 
 class SlurmUnavailable(RuntimeError):
@@ -97,6 +98,7 @@ class SlurmCluster:
         self.conf = self.root / "slurm.conf"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
         self._pids: list[int] = []  # started by us, stopped in reverse order
+        self.munge_dir: Path | None = None
 
     def start(self, timeout_s: float = 120) -> SlurmCluster:
         if os.geteuid() != 0:
@@ -129,6 +131,9 @@ class SlurmCluster:
                 time.sleep(1)
         while self._pids:
             _stop_pid(self._pids.pop())
+        if self.munge_dir is not None:
+            shutil.rmtree(self.munge_dir, ignore_errors=True)
+            self.munge_dir = None
 
     def run(self, *cmd: str, check: bool = True, timeout: float = 120, tries: int = 5) -> str:
         """Run a client command; retried when slurmctld is too busy to answer in time."""
@@ -148,20 +153,25 @@ class SlurmCluster:
 
     # ------------------------------------------------------------------ internals
     def _start_munge(self) -> None:
-        if subprocess.run("munge -n | unmunge", shell=True, capture_output=True).returncode == 0:
-            return  # a munged is already serving this host
+        """A munged of our own on a private socket (slurm.conf's AuthInfo), so clusters of
+        parallel test workers and any system munged never share or stop each other's."""
         if not MUNGE_KEY.exists():
             MUNGE_KEY.parent.mkdir(parents=True, exist_ok=True)
             MUNGE_KEY.write_bytes(os.urandom(1024))
-        shutil.chown(MUNGE_KEY, "munge", "munge")
-        MUNGE_KEY.chmod(0o400)
-        MUNGE_RUN.mkdir(parents=True, exist_ok=True)
-        shutil.chown(MUNGE_RUN, "munge", "munge")
-        res = subprocess.run(["runuser", "-u", "munge", "--", "munged"],
+            shutil.chown(MUNGE_KEY, "munge", "munge")
+            MUNGE_KEY.chmod(0o400)
+        # munged runs as user munge, which cannot enter pytest's root-only temp directories
+        self.munge_dir = Path(tempfile.mkdtemp(prefix="munge-pytest-", dir=MUNGE_PARENT))
+        self.munge_dir.chmod(0o755)  # munged wants its socket directory searchable by all
+        shutil.chown(self.munge_dir, "munge", "munge")
+        d = self.munge_dir
+        res = subprocess.run(["runuser", "-u", "munge", "--", "munged", f"--socket={d}/socket",
+                              f"--pid-file={d}/munged.pid", f"--log-file={d}/munged.log",
+                              f"--seed-file={d}/munged.seed"],
                              capture_output=True, text=True, timeout=60)
         if res.returncode != 0:
             raise SlurmUnavailable(f"munged did not start: {res.stderr[-500:]}")
-        self._pids.append(_read_pid(MUNGE_RUN / "munged.pid"))
+        self._pids.append(_read_pid(d / "munged.pid"))
 
     def _write_conf(self) -> None:
         host = socket.gethostname().split(".")[0]
@@ -174,6 +184,7 @@ SlurmctldHost={host}
 SlurmctldPort={_free_port()}
 SlurmdPort={_free_port()}
 AuthType=auth/munge
+AuthInfo=socket={self.munge_dir}/socket
 CredType=cred/munge
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none

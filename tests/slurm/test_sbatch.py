@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[2]
 SBATCH = REPO / "slurm" / "train.sbatch"
 JOB_TIMEOUT_S = 900  # a shared 2-core machine: a 3-step job takes ~30 s when quiet
 
-pytestmark = pytest.mark.slow
+# one cluster per xdist worker; under --dist loadgroup these tests share one
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 
 
 def tiny_overrides(task: Path, steps: int) -> list[str]:
