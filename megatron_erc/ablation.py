@@ -425,10 +425,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--quick", action="store_true",
                      help=f"smoke setting: {QUICK} unless given explicitly")
     run.add_argument("--seeds", type=int, nargs="+")
-    run.add_argument("--steps", type=int, help="RL steps per run (default 30)")
+    run.add_argument("--steps", type=int, help="RL steps per run (default 25)")
     run.add_argument("--sft-steps", type=int, help="warm-start SFT steps (default 150)")
     run.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
-    run.add_argument("--jobs", type=int, default=2, help="RL runs in parallel")
+    run.add_argument("--jobs", type=int, default=4, help="RL runs in parallel")
     run.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                      help="extra overrides for every RL run, e.g. optim.lr=5e-4")
     run.add_argument("--sft-set", nargs="*", default=[], metavar="KEY=VALUE",
@@ -447,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         train_one(args.config, args.overrides)
         return 0
     if args.command == "run":
-        defaults = QUICK if args.quick else {"seeds": [0, 1, 2], "steps": 30, "sft_steps": 150}
+        defaults = QUICK if args.quick else {"seeds": [0, 1, 2], "steps": 25, "sft_steps": 150}
         m = run_ablation(pathlib.Path(args.out), args.seeds or defaults["seeds"],
                          args.steps or defaults["steps"],
                          args.sft_steps or defaults["sft_steps"], args.variants, args.set,
