@@ -72,10 +72,20 @@ def build_engine(cfg: TrainConfig, actor):
     if cfg.parallel.pp > 1:
         raise NotImplementedError("RL with parallel.pp > 1 needs cross-stage weight sync, "
                                   "which is not implemented yet; use tp/dp for now")
+    import torch.distributed as dist
+
     is_engine_rank = ps.get_tensor_model_parallel_rank() == 0
     kind = cfg.rollout.engine
+    multi_rank = dist.get_world_size() > 1
     if kind == "auto":
-        kind = "vllm" if vllm_available() else "embedded"
+        # In-process vLLM joins the trainer's torch.distributed world and waits for ranks
+        # that never build an engine: multi-rank runs use the embedded engine for now.
+        kind = "vllm" if vllm_available() and not multi_rank else "embedded"
+    elif kind == "vllm" and multi_rank:
+        raise NotImplementedError(
+            "rollout.engine=vllm with more than one trainer rank is not supported yet (the "
+            "in-process engine would join the trainer's process group and hang); use "
+            "rollout.engine=embedded or auto for multi-rank runs")
     engine = None
     if is_engine_rank:
         if kind == "vllm":
