@@ -10,10 +10,10 @@ A checkpoint is ``root/step_{step:08d}/`` holding:
   ``fully_reshardable`` format (the default one rejects our unflattened parameters);
 * ``megatron_erc.json`` and ``hf/config.json`` as written by ``hf_checkpoint``, so
   ``megatron-to-hf`` exports a training checkpoint directly;
-* ``trainer_state.pt``: the step, the caller's ``extra_state`` (data-loader position, ...)
-  and the actor's LR-scheduler state when it has one (rank 0's copy);
-* ``rng/rank_XXXXX.pt``: each rank's python / numpy / torch (CPU, CUDA) / megatron
-  tensor-parallel tracker RNG states;
+* ``trainer_state.pt``: the step and the actor's LR-scheduler state when it has one;
+* ``ranks/rank_XXXXX.pt``: each rank's ``extra_state`` (data-loader position, sampler RNG,
+  ...) and its python / numpy / torch (CPU, CUDA) / megatron tensor-parallel tracker RNG
+  states;
 * ``COMPLETE``: JSON written last, before the directory gets its final name.
 
 Every rank writes into ``root/.step_{step:08d}.tmp-<uuid>``; after a barrier rank 0 writes
@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 FORMAT = "megatron_erc.train/1"
 COMPLETE_FILE = "COMPLETE"
 TRAINER_STATE_FILE = "trainer_state.pt"
-RNG_SUBDIR = "rng"
+RANKS_SUBDIR = "ranks"
 # The default distributed-optimizer format raises "flattened_range is not supported";
 # fully_reshardable stores optimizer state in model (global tensor) space like plain Adam.
 SHARDING_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
@@ -228,6 +228,13 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _coords() -> list[int]:
+    from megatron.core import parallel_state as ps
+
+    return [ps.get_data_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+            ps.get_pipeline_model_parallel_rank()]
+
+
 def _layout(actor) -> dict:
     from megatron.core import parallel_state as ps
 
@@ -241,8 +248,8 @@ def save_checkpoint(root: str | os.PathLike, step: int, actor, extra_state: dict
                     keep_last: int) -> pathlib.Path:
     """Write ``root/step_{step:08d}`` (collective: every rank calls it).
 
-    ``extra_state`` is rank 0's trainer state (data-loader position, counters, ...): dicts,
-    lists, tuples, strings, numbers, None and tensors only (it is read back with
+    ``extra_state`` is this rank's trainer state (data-loader position, sampler RNG, ...):
+    dicts, lists, tuples, strings, numbers, None and tensors only (it is read back with
     ``weights_only=True``). ``keep_last`` complete checkpoints are kept (0 keeps all); the
     one just written is never deleted. An existing checkpoint of the same step is replaced.
     """
@@ -265,14 +272,16 @@ def save_checkpoint(root: str | os.PathLike, step: int, actor, extra_state: dict
     dist_checkpointing.save(_sharded_state_dict(actor, is_loading=False), str(tmp),
                             content_metadata={"format": FORMAT, **SHARDING_METADATA})
     if rank == 0:
-        trainer_state = {"step": step, "extra_state": dict(extra_state)}
+        trainer_state = {"step": step}
         scheduler = getattr(actor, "lr_scheduler", None)
         if scheduler is not None:
             trainer_state["lr_scheduler"] = scheduler.state_dict()
         _save_checked(trainer_state, tmp / TRAINER_STATE_FILE)
-    (tmp / RNG_SUBDIR).mkdir(exist_ok=True)
-    torch.save(_rng_state(), tmp / RNG_SUBDIR / f"rank_{rank:05d}.pt")
-    dist.barrier()  # every rank's shards and RNG state are on disk
+    (tmp / RANKS_SUBDIR).mkdir(exist_ok=True)
+    _save_checked({"extra_state": dict(extra_state), "rng": _rng_state()},
+                  tmp / RANKS_SUBDIR / f"rank_{rank:05d}.pt")
+    coords = [None] * dist.get_world_size()
+    dist.all_gather_object(coords, _coords())  # also: every rank's files are on disk
 
     if rank == 0:
         par = actor.parallel
@@ -286,7 +295,8 @@ def save_checkpoint(root: str | os.PathLike, step: int, actor, extra_state: dict
         actor.hf_config.to_json_file(str(_mkdir(tmp / HF_SUBDIR) / "config.json"))
         marker = {"format": FORMAT, "step": step, "time": time.time(),
                   "distributed_optimizer": _is_distributed(actor.optimizer),
-                  "sharding_metadata": SHARDING_METADATA, **_layout(actor)}
+                  "sharding_metadata": SHARDING_METADATA, **_layout(actor),
+                  "rank_coords": coords}
         _write_synced(tmp / COMPLETE_FILE, json.dumps(marker, indent=2))
         _publish(tmp, final)
         _prune(root, keep_last, final)
@@ -357,7 +367,8 @@ def load_checkpoint(path_or_auto: str | os.PathLike, root: str | os.PathLike | N
     ``path_or_auto`` is a checkpoint directory, or ``"auto"`` for the newest complete one
     under ``root`` (None when there is none: a fresh start). The checkpoint may have been
     written at another TP/PP (and DP for the distributed optimizer); RNG states are
-    restored only when the rank layout is the same. Returns ``(step, extra_state)``.
+    restored only when the rank layout is the same. Returns ``(step, extra_state)`` with
+    this rank's saved ``extra_state`` (see ``_matching_rank`` after a layout change).
     """
     from megatron.core import dist_checkpointing
 
@@ -381,11 +392,6 @@ def load_checkpoint(path_or_auto: str | os.PathLike, root: str | os.PathLike | N
         raise CheckpointError(
             f"{path} was written with use_distributed_optimizer="
             f"{marker['distributed_optimizer']}; resume with the same setting")
-    if marker.get("vpp") != actor.parallel.vpp and (marker.get("vpp") is None
-                                                     or actor.parallel.vpp is None):
-        # model0/model1... vs model: the same tensors, but megatron's dict keys differ.
-        raise CheckpointError(f"{path} was written with vpp={marker.get('vpp')}; resuming "
-                              f"with vpp={actor.parallel.vpp} is not supported")
 
     state = _sharded_state_dict(actor, is_loading=True)
     loaded = dist_checkpointing.load(state, str(path))
@@ -400,11 +406,27 @@ def load_checkpoint(path_or_auto: str | os.PathLike, root: str | os.PathLike | N
             raise CheckpointError(f"{path} has no LR-scheduler state but the actor has one")
         scheduler.load_state_dict(trainer_state["lr_scheduler"])
 
-    if all(marker.get(k) == v for k, v in _layout(actor).items()):
-        rng_file = path / RNG_SUBDIR / f"rank_{rank:05d}.pt"
-        _set_rng_state(torch.load(rng_file, weights_only=True))
+    same_layout = all(marker.get(k) == v for k, v in _layout(actor).items())
+    source = rank if same_layout else _matching_rank(marker, actor)
+    rank_state = torch.load(path / RANKS_SUBDIR / f"rank_{source:05d}.pt", weights_only=True)
+    if same_layout:
+        _set_rng_state(rank_state["rng"])
     elif rank == 0:
-        logger.warning("%s was written at %s, now %s: RNG states are not restored", path,
+        logger.warning("%s was written at %s, now %s: RNG states are not restored; "
+                       "extra_state comes from the saved rank of the same data-parallel rank "
+                       "(rank 0's if the DP size changed)", path,
                        {k: marker.get(k) for k in _layout(actor)}, _layout(actor))
     dist.barrier()
-    return int(trainer_state["step"]), trainer_state["extra_state"]
+    return int(trainer_state["step"]), rank_state["extra_state"]
+
+
+def _matching_rank(marker: dict, actor) -> int:
+    """The saved rank whose ``extra_state`` this rank resumes after a layout change: the
+    first one with the same data-parallel rank when the DP size is unchanged (the data
+    stream is per DP rank), else rank 0."""
+    from megatron.core import parallel_state as ps
+
+    if marker["dp"] != ps.get_data_parallel_world_size():
+        return 0
+    dp_rank = ps.get_data_parallel_rank()
+    return next(r for r, c in enumerate(marker["rank_coords"]) if c[0] == dp_rank)

@@ -1,10 +1,12 @@
-"""Training checkpoints resume exactly, across TP layouts, and survive a killed writer.
+"""Training checkpoints resume exactly, across TP/PP/DP layouts, and survive a killed writer.
 
 One spawn of two gloo ranks trains the tiny Qwen2 with Adam at TP=2 (plain optimizer) and at
 TP=1 x DP=2 (distributed optimizer), saves at step 2 and runs step 3 uninterrupted; a fresh
-actor (other init seed) then resumes each checkpoint in the same layout. A second, single-rank
+actor (other init seed) then resumes each checkpoint in the same layout (and the TP=2 one at
+PP=2). A second, single-rank
 spawn resumes the TP=2 and DP=2 checkpoints at TP=1 / DP=1 and checks TP=1 -> TP=1 and the
-checkpoints left by a writer that was SIGKILLed in the middle of a save.
+checkpoints left by a writer that was SIGKILLed in the middle of a save, and the LR warm-up
+position through the actor's scheduler.
 
 Parameters are compared through the update of step 3: ``|p3_resumed - p3| / max|p3 - p2|``
 per tensor, so a wrong Adam state (moments, step count) cannot hide behind the weights.
@@ -41,16 +43,17 @@ def _hf_config():
     return AutoConfig.for_model(d.pop("model_type"), **d)
 
 
-def _build_actor(tp: int, distributed: bool, seed: int, *, init_parallel: bool = True):
+def _build_actor(tp: int, distributed: bool, seed: int, *, pp: int = 1,
+                 init_parallel: bool = True, warmup: int = 0):
     from megatron_erc import platform
     from megatron_erc.models import ParallelConfig
     from megatron_erc.trainer.actor import Actor, OptimConfig
 
     if init_parallel:
-        platform.init_model_parallel(tp, 1, seed=seed)
+        platform.init_model_parallel(tp, pp, seed=seed)
     torch.manual_seed(seed)  # a different seed gives different initial weights
-    return Actor(_hf_config(), ParallelConfig(tp=tp),
-                 OptimConfig(lr=LR, use_distributed_optimizer=distributed))
+    return Actor(_hf_config(), ParallelConfig(tp=tp, pp=pp),
+                 OptimConfig(lr=LR, use_distributed_optimizer=distributed, warmup_steps=warmup))
 
 
 def _micro_batches(step: int) -> list[dict]:
@@ -68,7 +71,7 @@ def _micro_batches(step: int) -> list[dict]:
 
 
 def _step(actor, step: int) -> float:
-    """One SFT step; returns the loss of the whole global batch (summed over DP ranks)."""
+    """One SFT step; returns the loss of the whole global batch on every rank."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -76,37 +79,65 @@ def _step(actor, step: int) -> float:
 
     m = sft_step(actor, _micro_batches(step))
     assert not m["skipped"], m
-    loss = torch.tensor(m["sft/loss"], dtype=torch.float64)
-    dist.all_reduce(loss, group=ps.get_data_parallel_group())
+    # one report per DP rank: its last pipeline stage, TP rank 0
+    reports = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+    loss = torch.tensor(m["sft/loss"] if reports else 0.0, dtype=torch.float64)
+    dist.all_reduce(loss)
     return loss.item()
 
 
 def _params(actor) -> dict[str, torch.Tensor]:
-    return {n: t.detach().clone() for n, t in actor.hf_weights()}
+    """Every HF tensor, full (TP-gathered, PP-merged)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    stage = {n: t.detach().clone() for n, t in actor.hf_weights()}
+    stages = [None] * actor.parallel.pp
+    dist.all_gather_object(stages, stage, group=ps.get_pipeline_model_parallel_group())
+    return {n: t for s in stages for n, t in s.items()}
 
 
-def _run_and_save(root: pathlib.Path, tp: int, distributed: bool, extra: dict) -> dict:
-    """Steps 1-2, save, step 3; returns the uninterrupted run's loss/params at 2 and 3."""
+def _draw_rng() -> list[float]:
+    import random
+
+    import numpy as np
+
+    return [random.random(), float(np.random.rand()), float(torch.rand(()))]
+
+
+def _run_and_save(root: pathlib.Path, tp: int, distributed: bool, extra: dict, *,
+                  warmup: int = 0) -> dict:
+    """Steps 1-2, save, step 3; returns the uninterrupted run's loss/params at 2 and 3.
+    ``extra`` gets this rank's DP rank added (extra_state is per rank)."""
+    from megatron.core import parallel_state as ps
+
     from megatron_erc.trainer.checkpoint import save_checkpoint
 
-    actor = _build_actor(tp, distributed, seed=1)
+    actor = _build_actor(tp, distributed, seed=1, warmup=warmup)
     _step(actor, 1)
     _step(actor, 2)
     p2 = _params(actor)
-    save_checkpoint(root, 2, actor, extra, keep_last=2)
+    save_checkpoint(root, 2, actor, {**extra, "dp_rank": ps.get_data_parallel_rank()},
+                    keep_last=2)
+    rng, lr3 = _draw_rng(), actor.lr()
     loss3 = _step(actor, 3)
-    return {"actor": actor, "p2": p2, "loss3": loss3, "p3": _params(actor)}
+    return {"actor": actor, "p2": p2, "rng": rng, "lr3": lr3, "loss3": loss3,
+            "p3": _params(actor)}
 
 
-def _resume(root, tp: int, distributed: bool, *, init_parallel: bool) -> dict:
+def _resume(root, tp: int, distributed: bool, *, init_parallel: bool, pp: int = 1,
+            warmup: int = 0) -> dict:
     """A fresh actor (different init) resumes the newest checkpoint and runs step 3."""
     from megatron_erc.trainer.checkpoint import load_checkpoint
 
-    actor = _build_actor(tp, distributed, seed=2, init_parallel=init_parallel)
+    actor = _build_actor(tp, distributed, seed=2, pp=pp, init_parallel=init_parallel,
+                         warmup=warmup)
     step, extra = load_checkpoint("auto", root, actor)
+    rng, lr3 = _draw_rng(), actor.lr()
     p_loaded = _params(actor)
     loss3 = _step(actor, 3)
-    return {"step": step, "extra": extra, "p2": p_loaded, "loss3": loss3, "p3": _params(actor)}
+    return {"step": step, "extra": extra, "p2": p_loaded, "rng": rng, "lr3": lr3,
+            "loss3": loss3, "p3": _params(actor)}
 
 
 def _public(r: dict) -> dict:
@@ -135,6 +166,8 @@ def two_rank_cases(rank: int, world: int, root: str) -> dict:
     out["prune_leftovers"] = sorted(p.name for p in (root / "prune").iterdir()
                                     if not p.name.startswith("step_"))
     ps.destroy_model_parallel()
+    out["tp2_resumed_pp2"] = _resume(root / "tp2", 1, False, pp=2, init_parallel=True)
+    ps.destroy_model_parallel()
     # TP=1 x DP=2, distributed optimizer
     out["dist"] = _public(_run_and_save(root / "dist", 1, True, {"data_pos": 8}))
     out["dist_resumed_dp2"] = _resume(root / "dist", 1, True, init_parallel=False)
@@ -153,8 +186,9 @@ def one_rank_cases(rank: int, world: int, root: str, killed_root: str) -> dict:
     ps.destroy_model_parallel()
     out["dist_resumed_dp1"] = _resume(root / "dist", 1, True, init_parallel=True)
     ps.destroy_model_parallel()
-    out["tp1"] = _public(_run_and_save(root / "tp1", 1, False, {"data_pos": 8}))
-    out["tp1_resumed_tp1"] = _resume(root / "tp1", 1, False, init_parallel=False)
+    # TP=1 during LR warm-up (0, LR/3, 2LR/3, ...): the schedule position must resume too
+    out["tp1"] = _public(_run_and_save(root / "tp1", 1, False, {"data_pos": 8}, warmup=3))
+    out["tp1_resumed_tp1"] = _resume(root / "tp1", 1, False, init_parallel=False, warmup=3)
     latest = find_latest(killed_root)
     out["killed_latest"] = latest.name if latest else None
     actor = _build_actor(1, False, seed=9, init_parallel=False)
@@ -209,8 +243,23 @@ def _kill_mid_save(root: pathlib.Path) -> dict:
     return {"checksum": checksum, "entries": sorted(p.name for p in root.iterdir())}
 
 
-@functools.cache
 def results() -> dict:
+    """Runs every case once per test session; a failure is reported by every test."""
+    outcome = _results()
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
+
+
+@functools.cache
+def _results() -> dict | BaseException:
+    try:
+        return _run_all()
+    except Exception as e:  # noqa: BLE001 - re-raised by results() in every test
+        return e
+
+
+def _run_all() -> dict:
     root = pathlib.Path(tempfile.mkdtemp(prefix="erc-ckpt-test-"))
     t0 = time.perf_counter()
     two = run_distributed(two_rank_cases, 2, str(root))
@@ -248,6 +297,7 @@ def _update_err(got: dict, want: dict) -> tuple[float, str]:
     ("dist_resumed_dp2", "dist", 0.0, 0.0),
     # other layouts reduce in another order: ~1e-7 on the loss, Adam amplifies it a little
     ("tp2_resumed_tp1", "tp2", 1e-5, 1e-3),
+    ("tp2_resumed_pp2", "tp2", 1e-5, 1e-3),
     ("dist_resumed_dp1", "dist", 1e-5, 1e-3),
 ])
 def test_resumed_step_matches_uninterrupted(case, reference, loss_tol, param_tol):
@@ -261,11 +311,27 @@ def test_resumed_step_matches_uninterrupted(case, reference, loss_tol, param_tol
           f" ({where})")
     assert loss_err <= loss_tol
     assert param_err <= param_tol, where
+    assert got["lr3"] == want["lr3"]
+    if loss_tol == 0.0:  # same rank layout: RNG streams continue where they were saved
+        assert got["rng"] == want["rng"]
+
+
+def test_lr_scheduler_state_is_restored():
+    one = results()["one"]
+    assert one["tp1"]["lr3"] == pytest.approx(2 * LR / 3)  # a fresh schedule would give 0
+    assert one["tp1_resumed_tp1"]["lr3"] == one["tp1"]["lr3"]
+
+
+def test_extra_state_is_per_data_parallel_rank():
+    two = results()["two"]
+    assert [r["dist_resumed_dp2"]["extra"]["dp_rank"] for r in two] == [0, 1]
+    # after a DP-size change every rank resumes rank 0's state
+    assert results()["one"]["dist_resumed_dp1"]["extra"]["dp_rank"] == 0
 
 
 def test_extra_state_round_trips():
     assert results()["two"][0]["tp2_resumed_tp2"]["extra"] == {"data_pos": 8,
-                                                               "tag": ("tp2", 2)}
+                                                               "tag": ("tp2", 2), "dp_rank": 0}
 
 
 def test_keep_last_prunes_older_checkpoints():
