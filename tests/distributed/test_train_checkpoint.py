@@ -2,11 +2,10 @@
 
 One spawn of two gloo ranks trains the tiny Qwen2 with Adam at TP=2 (plain optimizer) and at
 TP=1 x DP=2 (distributed optimizer), saves at step 2 and runs step 3 uninterrupted; a fresh
-actor (other init seed) then resumes each checkpoint in the same layout (and the TP=2 one at
-PP=2). A second, single-rank
-spawn resumes the TP=2 and DP=2 checkpoints at TP=1 / DP=1 and checks TP=1 -> TP=1 and the
-checkpoints left by a writer that was SIGKILLed in the middle of a save, and the LR warm-up
-position through the actor's scheduler.
+actor (other init seed) then resumes each checkpoint in the same layout, and the TP=2 one at
+PP=2. A second, single-rank spawn resumes the TP=2 and DP=2 checkpoints at TP=1 / DP=1,
+checks TP=1 -> TP=1 during LR warm-up (the actor's scheduler position must resume), and loads
+what a writer SIGKILLed in the middle of a save left behind.
 
 Parameters are compared through the update of step 3: ``|p3_resumed - p3| / max|p3 - p2|``
 per tensor, so a wrong Adam state (moments, step count) cannot hide behind the weights.
