@@ -13,11 +13,13 @@ per tensor, so a wrong Adam state (moments, step count) cannot hide behind the w
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import multiprocessing as mp
 import os
 import pathlib
+import shutil
 import signal
 import tempfile
 import time
@@ -260,6 +262,7 @@ def _results() -> dict | BaseException:
 
 def _run_all() -> dict:
     root = pathlib.Path(tempfile.mkdtemp(prefix="erc-ckpt-test-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
     t0 = time.perf_counter()
     two = run_distributed(two_rank_cases, 2, str(root))
     t1 = time.perf_counter()
