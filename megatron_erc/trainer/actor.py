@@ -86,7 +86,7 @@ class Actor:
         self.model = [DistributedDataParallel(self.config, ddp_config, c) for c in chunks]
         self.config.finalize_model_grads_func = finalize_model_grads
         self.optimizer = get_megatron_optimizer(OptimizerConfig(
-            optimizer="adam", lr=optim.lr, weight_decay=optim.weight_decay,
+            optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
             clip_grad=optim.clip_grad, adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2,
             bf16=parallel.params_dtype == "bfloat16", params_dtype=self.config.params_dtype,
             use_distributed_optimizer=optim.use_distributed_optimizer), self.model)
