@@ -11,6 +11,7 @@ from tests.distributed.harness import run_distributed
 from tests.distributed.trainer_cases import (
     grads_after_a_step_are_not_double_counted,
     grads_for_split,
+    lr_schedule,
     nonfinite_step_is_skipped,
 )
 
@@ -41,3 +42,11 @@ def test_nonfinite_loss_skips_the_step_and_keeps_weights():
 
 def test_gradients_after_an_optimizer_step_are_not_double_counted():
     assert run_distributed(grads_after_a_step_are_not_double_counted, 1)[0] == 0.0
+
+
+def test_warmup_then_cosine_decay_schedule():
+    lrs = run_distributed(lr_schedule, 1)[0]
+    # optimizer steps 0..7: warmup over 2 steps to 1e-3, cosine over 4 steps to 1e-4
+    assert lrs[0] == 0.0 and math.isclose(lrs[1], 5e-4) and math.isclose(lrs[2], 1e-3)
+    assert all(a > b for a, b in zip(lrs[2:6], lrs[3:7], strict=False))
+    assert math.isclose(lrs[6], 1e-4) and math.isclose(lrs[7], 1e-4)

@@ -12,7 +12,7 @@ TINY = json.loads((pathlib.Path(__file__).parents[2] / "examples/tiny/config.jso
 N_SEQ, SEQ = 16, 24
 
 
-def _setup(tp: int = 1):
+def _setup(tp: int = 1, **optim):
     from transformers import AutoConfig
 
     from megatron_erc import platform
@@ -26,7 +26,7 @@ def _setup(tp: int = 1):
     d = {k: v for k, v in TINY.items() if k not in ("architectures", "torch_dtype")}
     hf = AutoConfig.for_model(d.pop("model_type"), **d)
     torch.manual_seed(0)
-    actor = Actor(hf, ParallelConfig(tp=tp, pad_vocab_multiple=1), OptimConfig(lr=1e-3))
+    actor = Actor(hf, ParallelConfig(tp=tp, pad_vocab_multiple=1), OptimConfig(**{"lr": 1e-3, **optim}))
     cfg = TrainConfig(algo=PolicyLossConfig(erc=ErcConfig(low=0.95, high=1.05), dual_clip=10.0,
                                             pos_nll_coef=0.1))
     return actor, cfg
@@ -121,3 +121,23 @@ def grads_after_a_step_are_not_double_counted(rank: int, world: int):
         actor.forward_backward(split(batch, 8), loss_fn)
         grads.append({n: p.main_grad.clone() for n, p in actor.model[0].module.named_parameters()})
     return max(float((grads[0][n] - grads[1][n]).abs().max()) for n in grads[0])
+
+
+def lr_schedule(rank: int, world: int):
+    """Learning rate after each optimizer step: linear warmup, then cosine decay."""
+    from megatron_erc.trainer.batch import split
+
+    actor, _ = _setup(lr=1e-3, warmup_steps=2, decay_steps=4, decay_style="cosine",
+                      min_lr=1e-4)
+    batch = _batch(actor.vocab_size)
+
+    def loss_fn(logits, mb):
+        logp, _ = actor.logprobs(logits, mb["labels"])
+        return -(logp * mb["loss_mask"]).sum() / 100, {}
+
+    lrs = [actor.lr()]
+    for _ in range(7):
+        actor.forward_backward(split(batch, 16), loss_fn)
+        assert actor.step()[0]
+        lrs.append(actor.lr())
+    return lrs
