@@ -26,7 +26,8 @@ def _setup(tp: int = 1, **optim):
     d = {k: v for k, v in TINY.items() if k not in ("architectures", "torch_dtype")}
     hf = AutoConfig.for_model(d.pop("model_type"), **d)
     torch.manual_seed(0)
-    actor = Actor(hf, ParallelConfig(tp=tp, pad_vocab_multiple=1), OptimConfig(**{"lr": 1e-3, **optim}))
+    actor = Actor(hf, ParallelConfig(tp=tp, pad_vocab_multiple=1),
+                  OptimConfig(**{"lr": 1e-3, **optim}))
     cfg = TrainConfig(algo=PolicyLossConfig(erc=ErcConfig(low=0.95, high=1.05), dual_clip=10.0,
                                             pos_nll_coef=0.1))
     return actor, cfg
