@@ -11,4 +11,5 @@ if [ "$(id -u)" = 0 ] && ! command -v slurmctld >/dev/null 2>&1 && command -v ap
         || echo "[test] slurm packages unavailable: tests/slurm will skip"
 fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+.venv/bin/ruff check megatron_erc tests benchmarks tools
 exec .venv/bin/python -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadgroup --durations=15 "$@" tests
