@@ -140,11 +140,10 @@ class VLLMEngine:
     ) -> list[list[Sample]]:
         from vllm import SamplingParams
 
-        # vLLM 0.32's CPU build crashes on per-request seeds combined with top-p ("CPU
-        # Generator does not use offset") and the engine dies; there, sampling follows the
-        # engine-wide seed only.
-        seeded = sampling.seed is not None and (torch.cuda.is_available()
-                                                or sampling.top_p == 1.0)
+        # vLLM 0.32's CPU build kills the engine on per-request seeds once a request's
+        # sampled tokens get discarded (chunked prefill: "CPU Generator does not use
+        # offset"); on CPU, sampling follows the engine-wide seed only.
+        seeded = sampling.seed is not None and torch.cuda.is_available()
 
         def params(i: int) -> SamplingParams:
             return SamplingParams(
