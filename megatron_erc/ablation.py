@@ -419,7 +419,9 @@ def render_markdown(root: pathlib.Path, manifest: dict, runs: dict, stats: dict)
                  f"all RL runs {total or manifest.get('total_seconds', '?')} s wall time.")
     L += ["", "## Reproduce", "", "```bash",
           f"git checkout {code.get('commit', '<commit>')}",
-          "bash examples/ablation/run.sh            # or, step by step:",
+          "bash examples/ablation/run.sh" + (f" --seeds {' '.join(map(str, seeds))}"
+                                             if seeds != [0, 1, 2] else "")
+          + "   # or, step by step:",
           "# " + manifest.get("command", "python -m megatron_erc.ablation run"),
           f"# python -m megatron_erc.ablation report --out {_rel(root)}", "```", "",
           "One RL run by hand (what the runner executes per variant and seed):", "", "```bash"]
