@@ -17,7 +17,9 @@ EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
                          ids=lambda p: p.name)
 def test_example_train_configs_load(path):
     cfg = load_config(TrainConfig, path)
-    assert cfg.algo.erc is not None and cfg.data is not None
+    assert cfg.data is not None
+    if "erc" in path.stem:  # the recipes named for ERC use it (the ablation base varies it)
+        assert cfg.algo.erc is not None
 
 
 def test_sft_example_loads():
