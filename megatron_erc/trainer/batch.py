@@ -14,15 +14,20 @@ import torch
 def pack_rollouts(prompt_ids: list[list[int]], responses: list[list[int]],
                   rollout_logps: list[list[float]], advantages: torch.Tensor,
                   rewards: torch.Tensor, pad_id: int, seq_len: int) -> dict:
-    """One ``[N, seq_len]`` batch from N (prompt, response) pairs (right-padded)."""
+    """One ``[N, S]`` batch from N (prompt, response) pairs, right-padded to the longest pair
+    rounded up to a multiple of 8 (``S <= seq_len``: little compute goes to columns that are
+    padding in every row)."""
     n = len(prompt_ids)
-    tokens = torch.full((n, seq_len + 1), pad_id, dtype=torch.long)
-    mask = torch.zeros(n, seq_len + 1)
-    rlogp = torch.zeros(n, seq_len + 1)
+    longest = max(len(p) + len(r) for p, r in zip(prompt_ids, responses, strict=True))
+    # model length S = width - 1, a multiple of 8 (sequence parallelism splits it over TP)
+    width = min(seq_len, -(-(longest - 1) // 8) * 8) + 1
+    tokens = torch.full((n, width), pad_id, dtype=torch.long)
+    mask = torch.zeros(n, width)
+    rlogp = torch.zeros(n, width)
     for i, (p, r, lp) in enumerate(zip(prompt_ids, responses, rollout_logps, strict=True)):
-        ids = (p + r)[: seq_len + 1]
+        ids = (p + r)[:width]
         tokens[i, : len(ids)] = torch.tensor(ids)
-        end = min(len(p) + len(r), seq_len + 1)
+        end = min(len(p) + len(r), width)
         mask[i, len(p): end] = 1.0
         rlogp[i, len(p): end] = torch.tensor(lp[: end - len(p)], dtype=torch.float32)
     return {"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(),
