@@ -147,8 +147,16 @@ def test_time_limit_checkpoints_requeues_and_continues(slurm_cluster, tiny_task,
     while int(job_info(slurm_cluster, job)["Restarts"]) < 1:
         assert time.monotonic() < deadline, logs(run_dir, job)
         time.sleep(1)
-    # a requeued job waits ~2 minutes before it is eligible again; not worth waiting for here
-    slurm_cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
+    # A requeued job waits ~2 minutes before it is eligible again; not worth waiting for here.
+    # But not zero either: started within a second of the requeue, slurmctld kills it ("Job
+    # credential revoked") because the old run's credential is still being revoked.
+    time.sleep(10)
+    while "(restart 1)" not in logs(run_dir, job):
+        assert time.monotonic() < deadline, logs(run_dir, job)
+        if job_info(slurm_cluster, job)["JobState"] == "PENDING":
+            slurm_cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now",
+                              check=False)
+        time.sleep(2)
     info = wait_job(slurm_cluster, job)
     assert_completed(info, run_dir, job)
     out = logs(run_dir, job)
