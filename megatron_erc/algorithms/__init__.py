@@ -1,7 +1,7 @@
 """Pure tensor math for RL post-training: policy losses (DAPO clip-higher, GPPO / CE-GPPO,
 dual clip, TIS), the ERC mask, GRPO advantages and DAPO's sampling filters.
 
-No torch.distributed, no Megatron parallel state: callers pass global token counts in.
+No collectives and no Megatron parallel state: callers pass global token counts in.
 """
 
 from megatron_erc.algorithms.advantages import group_index, grpo_advantages
