@@ -49,17 +49,17 @@ def run_ours(args, out: dict) -> None:
     import torch
 
     from megatron_erc.config_io import load_config
-    from megatron_erc.trainer import run
+    from megatron_erc.trainer import metrics, run
     from megatron_erc.trainer.config import TrainConfig
 
     task = Path(args.task)
-    stamps, line = [], run.progress_line
+    stamps, line = [], metrics.progress_line
 
     def stamped(m, steps):
         stamps.append(time.perf_counter())
         return line(m, steps)
 
-    run.progress_line = stamped
+    metrics.progress_line = stamped
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = load_config(TrainConfig, ROOT / "examples" / "tiny" / "dapo_erc.yaml", [
             f"run.dir={run_dir}", f"run.steps={args.warmup + args.steps}", "run.seed=0",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 
@@ -54,6 +55,33 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return rows
+
+
+class Progress:
+    """The console view of a run: one line per step (kept in logs) and, on a terminal, a
+    tqdm bar below them with the step count, elapsed time and ETA. Rank 0 only."""
+
+    def __init__(self, steps: int, start_step: int = 0, enabled: bool = True, file=None):
+        from tqdm import tqdm
+
+        self.steps, self.enabled = steps, enabled
+        self._bar = tqdm(total=steps, initial=start_step, desc="[rl]", unit="step",
+                         dynamic_ncols=True, leave=False, file=file,
+                         disable=None if enabled else True)  # None: off unless a terminal
+
+    def __call__(self, m: dict) -> None:
+        if not self.enabled:
+            return
+        self._bar.write(progress_line(m, self.steps))
+        sys.stdout.flush()
+        if m.get("step", 0) > self._bar.n:
+            self._bar.set_postfix(acc=f"{m.get('accuracy', 0):.1%}",
+                                  erc_drop=f"{m.get('erc/dropped_frac', 0):.1%}", refresh=False)
+            self._bar.update(m["step"] - self._bar.n)
+            self._bar.refresh()  # a step takes seconds: never rate-limit the bar
+
+    def close(self) -> None:
+        self._bar.close()
 
 
 def progress_line(m: dict, steps: int) -> str:

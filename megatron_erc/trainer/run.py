@@ -14,7 +14,7 @@ import torch
 
 from megatron_erc.config_io import to_dict
 from megatron_erc.trainer.config import TrainConfig
-from megatron_erc.trainer.metrics import MetricsWriter, progress_line
+from megatron_erc.trainer.metrics import MetricsWriter, Progress
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +145,7 @@ def run_train(cfg: TrainConfig, validate_first: bool = False) -> list[dict]:
                           num_workers=1) if engine is not None else None
     validate = _validator(cfg, tokenizer, engine, grader) if rank0 and engine else None
     writer = MetricsWriter(run_dir, enabled=rank0)
+    progress = Progress(cfg.run.steps, start_step, enabled=rank0)
     stop = {"flag": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
 
@@ -154,8 +155,7 @@ def run_train(cfg: TrainConfig, validate_first: bool = False) -> list[dict]:
 
     def log_metrics(m: dict) -> None:
         writer.log(m)
-        if rank0:
-            print(progress_line(m, cfg.run.steps), flush=True)
+        progress(m)
 
     def should_stop() -> bool:
         flag = torch.tensor(float(stop["flag"]))
@@ -178,6 +178,7 @@ def run_train(cfg: TrainConfig, validate_first: bool = False) -> list[dict]:
                             == 0) and not stop["flag"]:
             save(history[-1]["step"])  # at exit
     finally:
+        progress.close()
         writer.close()
         if grader is not None:
             grader.close()
