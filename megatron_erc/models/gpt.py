@@ -188,4 +188,10 @@ def build_model_chunks(hf_config, parallel: ParallelConfig, **overrides) -> list
             hf_config, parallel, config=config, vp_stage=vp_stage,
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)))
+    if config.params_dtype != torch.float32:
+        # Layers honour params_dtype, but the local spec's torch norms are created in fp32;
+        # megatron's training wraps models in Float16Module, which casts everything. Cast
+        # the same way (without the wrapper, so parameter names stay those of GPTModel), or
+        # the mixed-precision optimizer's state would not line up with the model's.
+        chunks = [c.to(config.params_dtype) for c in chunks]
     return chunks

@@ -93,9 +93,10 @@ def build_engine(cfg: TrainConfig, actor):
 
             engine = VLLMEngine(cfg.model.path, max_model_len=cfg.run.seq_len + 8,
                                 kv_cache_memory_bytes=cfg.rollout.vllm_kv_cache_mb << 20,
-                                seed=cfg.run.seed)
+                                dtype=cfg.parallel.params_dtype, seed=cfg.run.seed)
         else:
-            engine = EmbeddedEngine(AutoModelForCausalLM.from_config(actor.hf_config))
+            engine = EmbeddedEngine(AutoModelForCausalLM.from_config(
+                actor.hf_config, dtype=getattr(torch, cfg.parallel.params_dtype)))
     weights = actor.hf_weights()  # the engine starts from the actor's exact weights
     if engine is not None:
         sync_weights(engine, weights)

@@ -45,7 +45,7 @@ def _hf_config():
 
 
 def _build_actor(tp: int, distributed: bool, seed: int, *, pp: int = 1,
-                 init_parallel: bool = True, warmup: int = 0):
+                 init_parallel: bool = True, warmup: int = 0, dtype: str = "float32"):
     from megatron_erc import platform
     from megatron_erc.models import ParallelConfig
     from megatron_erc.trainer.actor import Actor, OptimConfig
@@ -53,7 +53,7 @@ def _build_actor(tp: int, distributed: bool, seed: int, *, pp: int = 1,
     if init_parallel:
         platform.init_model_parallel(tp, pp, seed=seed)
     torch.manual_seed(seed)  # a different seed gives different initial weights
-    return Actor(_hf_config(), ParallelConfig(tp=tp, pp=pp),
+    return Actor(_hf_config(), ParallelConfig(tp=tp, pp=pp, params_dtype=dtype),
                  OptimConfig(lr=LR, use_distributed_optimizer=distributed, warmup_steps=warmup))
 
 
@@ -107,14 +107,15 @@ def _draw_rng() -> list[float]:
 
 
 def _run_and_save(root: pathlib.Path, tp: int, distributed: bool, extra: dict, *,
-                  warmup: int = 0) -> dict:
+                  warmup: int = 0, dtype: str = "float32", init_parallel: bool = True) -> dict:
     """Steps 1-2, save, step 3; returns the uninterrupted run's loss/params at 2 and 3.
     ``extra`` gets this rank's DP rank added (extra_state is per rank)."""
     from megatron.core import parallel_state as ps
 
     from megatron_erc.trainer.checkpoint import save_checkpoint
 
-    actor = _build_actor(tp, distributed, seed=1, warmup=warmup)
+    actor = _build_actor(tp, distributed, seed=1, warmup=warmup, dtype=dtype,
+                         init_parallel=init_parallel)
     _step(actor, 1)
     _step(actor, 2)
     p2 = _params(actor)
@@ -127,12 +128,12 @@ def _run_and_save(root: pathlib.Path, tp: int, distributed: bool, extra: dict, *
 
 
 def _resume(root, tp: int, distributed: bool, *, init_parallel: bool, pp: int = 1,
-            warmup: int = 0) -> dict:
+            warmup: int = 0, dtype: str = "float32") -> dict:
     """A fresh actor (different init) resumes the newest checkpoint and runs step 3."""
     from megatron_erc.trainer.checkpoint import load_checkpoint
 
     actor = _build_actor(tp, distributed, seed=2, pp=pp, init_parallel=init_parallel,
-                         warmup=warmup)
+                         warmup=warmup, dtype=dtype)
     step, extra = load_checkpoint("auto", root, actor)
     rng, lr3 = _draw_rng(), actor.lr()
     p_loaded = _params(actor)
@@ -190,6 +191,13 @@ def one_rank_cases(rank: int, world: int, root: str, killed_root: str) -> dict:
     # TP=1 during LR warm-up (0, LR/3, 2LR/3, ...): the schedule position must resume too
     out["tp1"] = _public(_run_and_save(root / "tp1", 1, False, {"data_pos": 8}, warmup=3))
     out["tp1_resumed_tp1"] = _resume(root / "tp1", 1, False, init_parallel=False, warmup=3)
+    # bf16 params with fp32 master weights (megatron's mixed-precision optimizer)
+    out["bf16"] = _public(_run_and_save(root / "bf16", 1, False, {"data_pos": 8},
+                                        dtype="bfloat16", init_parallel=False))
+    out["bf16_resumed_bf16"] = _resume(root / "bf16", 1, False, init_parallel=False,
+                                       dtype="bfloat16")
+    out["bf16_dtypes"] = sorted({str(p.dtype) for p in _build_actor(
+        1, False, seed=3, init_parallel=False, dtype="bfloat16").model[0].parameters()})
     latest = find_latest(killed_root)
     out["killed_latest"] = latest.name if latest else None
     actor = _build_actor(1, False, seed=9, init_parallel=False)
@@ -297,6 +305,7 @@ def _update_err(got: dict, want: dict) -> tuple[float, str]:
     ("tp2_resumed_tp2", "tp2", 0.0, 0.0),
     ("tp1_resumed_tp1", "tp1", 0.0, 0.0),
     ("dist_resumed_dp2", "dist", 0.0, 0.0),
+    ("bf16_resumed_bf16", "bf16", 0.0, 0.0),
     # other layouts reduce in another order: ~1e-7 on the loss, Adam amplifies it a little
     ("tp2_resumed_tp1", "tp2", 1e-5, 1e-3),
     ("tp2_resumed_pp2", "tp2", 1e-5, 1e-3),
@@ -367,3 +376,7 @@ def test_training_checkpoint_exports_to_hf(tmp_path):
     want = r["two"][0]["tp2"]["p2"]
     assert exported.keys() == want.keys()
     assert [k for k in want if not torch.equal(exported[k], want[k])] == []
+
+
+def test_bf16_actor_has_only_bf16_parameters():
+    assert results()["one"]["bf16_dtypes"] == ["torch.bfloat16"]
