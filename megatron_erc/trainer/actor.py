@@ -160,9 +160,14 @@ class Actor:
         return iter_hf_weights(self.model, self.hf_config, tp_group=tp)
 
     def step(self) -> tuple[bool, float]:
-        """Optimizer step. Returns ``(applied, grad_norm)``; a non-finite grad norm skips it."""
-        # megatron's fp32 optimizer steps even on NaN/inf gradients; look first, so a
-        # non-finite loss or gradient skips the step instead of corrupting the weights.
+        """Optimizer step. Returns ``(applied, grad_norm)``; a non-finite grad norm skips it.
+
+        megatron's fp32 optimizer steps even on NaN/inf gradients, so the norm is looked at
+        first; the step then reuses it (megatron's ``step()`` would copy the gradients to the
+        main parameters and reduce the norm over the model-parallel group a second time).
+        """
+        from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
         opt = self.optimizer
         if opt.prepare_grads():  # mixed precision found inf/nan
             opt.zero_grad()
@@ -171,11 +176,16 @@ class Actor:
         if not math.isfinite(norm):
             opt.zero_grad()
             return False, norm
-        ok, grad_norm, _ = opt.step()
-        if not ok:
+        for inner in getattr(opt, "chained_optimizers", [opt]):  # clip as megatron's step()
+            params = inner.get_parameters()
+            if params and inner.config.clip_grad > 0:
+                clip_grad_by_total_norm_fp32(
+                    params, max_norm=inner.config.clip_grad, total_norm=norm,
+                    use_decoupled_grad=inner.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+        if not opt.step_with_ready_grads():
             return False, norm
         self.lr_scheduler.step(increment=1)
-        return True, float(grad_norm) if grad_norm is not None else norm
+        return True, norm
 
 
 def _call_loss(loss_fn: LossFn, batch: dict, undo_scale: int, output: torch.Tensor):
