@@ -49,11 +49,13 @@ def train(cfg: TrainConfig, ctx: RunContext) -> list[dict]:
         batch, m = collect_rollouts(cfg, ctx, sampling, t)                  # generate + grade
         t["score"] = time.perf_counter()
         if batch is not None:
-            micro = split(batch, cfg.run.micro_batch_size)
-            score_old_logprobs(ctx.actor, micro)                            # old logp, entropy
+            minis = _minibatches(split(batch, cfg.run.micro_batch_size),
+                                 cfg.run.updates_per_rollout)
+            # old logp/entropy of the off-policy mini-batches; the first one is on-policy:
+            # its own update forward supplies them (see steps.policy_loss_fn)
+            score_old_logprobs(ctx.actor, [mb for mini in minis[1:] for mb in mini])
             t["forward"] = time.perf_counter()
-            per_update = [update(cfg, ctx.actor, mini)                      # off-policy updates
-                          for mini in _minibatches(micro, cfg.run.updates_per_rollout)]
+            per_update = [update(cfg, ctx.actor, mini) for mini in minis]  # updates 2.. off-policy
             t["update"] = time.perf_counter()
             m.update(_mean(per_update))
             m.update(sync_engine(cfg, ctx.actor, ctx.engine))               # weights -> engine

@@ -95,7 +95,12 @@ def _generate_batch(cfg, ctx, sampling, t: dict):
 
 
 def score_old_logprobs(actor, micro_batches: list[dict]) -> None:
-    """Adds ``old_logp`` and ``old_entropy`` ``[b, s]`` to each micro-batch (last PP stage)."""
+    """Adds ``old_logp`` and ``old_entropy`` ``[b, s]`` to each micro-batch (last PP stage).
+
+    ``rl.train`` calls it for the off-policy mini-batches only: a micro-batch without
+    ``old_logp`` gets the detached log-probs of its own update forward (``policy_loss_fn``),
+    which are the same numbers, since no optimizer step has happened in between.
+    """
 
     def loss_fn(logits, mb):
         logp, ent = actor.logprobs(logits.detach(), mb["labels"], chunk_size=4096)
@@ -116,6 +121,8 @@ def policy_loss_fn(cfg, actor, mini: list[dict]):
 
     def loss_fn(logits, mb):
         logp, ent = actor.logprobs(logits, mb["labels"])
+        if "old_logp" not in mb:  # first mini-batch: no update yet, so the current policy is
+            mb["old_logp"], mb["old_entropy"] = logp.detach(), ent.detach()  # the old one
         loss, m = policy_loss(
             logp, mb["old_logp"], mb["advantages"], mb["loss_mask"], cfg=cfg.algo,
             entropy=ent, old_entropy=mb["old_entropy"],

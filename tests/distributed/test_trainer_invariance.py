@@ -13,6 +13,7 @@ from tests.distributed.trainer_cases import (
     grads_for_split,
     lr_schedule,
     nonfinite_step_is_skipped,
+    onpolicy_old_logprobs_from_the_update_forward,
 )
 
 
@@ -50,3 +51,10 @@ def test_warmup_then_cosine_decay_schedule():
     assert lrs[0] == 0.0 and math.isclose(lrs[1], 5e-4) and math.isclose(lrs[2], 1e-3)
     assert all(a > b for a, b in zip(lrs[2:6], lrs[3:7], strict=False))
     assert math.isclose(lrs[6], 1e-4) and math.isclose(lrs[7], 1e-4)
+
+
+def test_first_minibatch_old_logprobs_from_its_own_forward_match_a_scoring_pass():
+    r = run_distributed(onpolicy_old_logprobs_from_the_update_forward, 1)[0]
+    assert r["logp"] <= 1e-6 and r["entropy"] <= 1e-6, r
+    assert math.isclose(*r["loss"], rel_tol=1e-6, abs_tol=1e-9), r
+    assert r["grad_scale"] > 0 and r["grads"] <= 1e-6 * r["grad_scale"], r

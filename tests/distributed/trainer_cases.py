@@ -142,3 +142,31 @@ def lr_schedule(rank: int, world: int):
         assert actor.step()[0]
         lrs.append(actor.lr())
     return lrs
+
+
+def onpolicy_old_logprobs_from_the_update_forward(rank: int, world: int):
+    """The first mini-batch of a rollout takes ``old_logp``/``old_entropy`` from its own update
+    forward instead of a separate scoring pass: the numbers, loss and gradients must match."""
+    from megatron_erc.trainer.batch import split
+    from megatron_erc.trainer.steps import policy_loss_fn, score_old_logprobs
+
+    actor, cfg = _setup()
+    batch = _batch(actor.vocab_size)
+    out = {}
+    for way in ("scored", "own_forward"):
+        micro = split(batch, 8)
+        if way == "scored":
+            score_old_logprobs(actor, micro)
+        metrics = actor.forward_backward(micro, policy_loss_fn(cfg, actor, micro))
+        out[way] = {
+            "old_logp": torch.cat([mb["old_logp"] for mb in micro]),
+            "old_entropy": torch.cat([mb["old_entropy"] for mb in micro]),
+            "loss": sum(float(m["loss"]) for m in metrics),
+            "grads": {n: p.main_grad.clone() for n, p in actor.model[0].module.named_parameters()}}
+    a, b = out["scored"], out["own_forward"]
+    mask = batch["loss_mask"].bool()
+    return {"logp": float((a["old_logp"] - b["old_logp"])[mask].abs().max()),
+            "entropy": float((a["old_entropy"] - b["old_entropy"])[mask].abs().max()),
+            "loss": (a["loss"], b["loss"]),
+            "grads": max(float((a["grads"][n] - b["grads"][n]).abs().max()) for n in a["grads"]),
+            "grad_scale": max(float(g.abs().max()) for g in a["grads"].values())}
