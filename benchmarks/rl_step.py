@@ -6,7 +6,8 @@ Identical work on both sides: the demo's arithmetic prompts and SentencePiece to
 HF copy of it for TRL), the same random-init Qwen2 directory, ``--prompts`` prompts x ``--n``
 responses of at most ``--tokens`` tokens at temperature 1, ``--updates`` optimizer steps per
 rollout on equal mini-batches (TRL: ``steps_per_generation``; old log-probs are computed in both),
-lr 2e-4, grad clip 1, no KL, fp32 on CPU, a parity reward (``tests/e2e/rewards.py``) so grading
+lr 2e-4, grad clip 1, no KL, the same precision on both sides (fp32, then bf16 mixed precision
+as in the GPU recipes), a parity reward (``tests/e2e/rewards.py``) so grading
 costs nothing, dynamic sampling off in ours (``rollout.max_gen_batches=1``). Ours runs its
 recipe ``examples/tiny/dapo_erc.yaml`` otherwise (ERC, dual clip, positive-example NLL: extra
 work TRL's loss does not do). Responses stop at EOS in both, so throughput counts the response
@@ -19,7 +20,8 @@ Both processes get ``--threads`` OpenMP threads (default 1): on a loaded 2-core 
 default of 2 made HF generate 30-40x slower and our updates 10x slower (OpenMP threads waiting
 on each other), which would measure the machine's load rather than the systems.
 
-    python benchmarks/rl_step.py [--quick] [--engines vllm,embedded] [--rounds 3] [--steps 6]
+    python benchmarks/rl_step.py [--quick] [--engines vllm,embedded] [--dtypes float32,bfloat16]
+                                 [--rounds 3] [--steps 6]
 
 Needs TRL: ``pip install -c constraints.txt -r benchmarks/requirements-trl.txt``.
 """
@@ -69,7 +71,8 @@ def run_ours(args, out: dict) -> None:
             f"data.path={task / 'data' / 'train.jsonl'}", f"rollout.engine={args.engine}",
             f"rollout.prompts_per_step={args.prompts}", f"rollout.n={args.n}",
             f"rollout.max_response_tokens={args.tokens}", "rollout.max_gen_batches=1",
-            f"rollout.reward_fn={REWARD_FN}", "validation.path=null"])
+            f"rollout.reward_fn={REWARD_FN}", "validation.path=null",
+            f"parallel.params_dtype={args.dtype}"])
         start = time.perf_counter()
         history = run.run_train(cfg)
     out["threads"] = torch.get_num_threads()
@@ -149,7 +152,8 @@ def run_trl(args, out: dict) -> None:
                 stamps.append(time.perf_counter())
 
     config = GRPOConfig(
-        output_dir=tempfile.mkdtemp(), seed=0, use_cpu=True, bf16=False, fp16=False,
+        output_dir=tempfile.mkdtemp(), seed=0, use_cpu=True, bf16=args.dtype == "bfloat16",
+        fp16=False,
         report_to=[], save_strategy="no", disable_tqdm=True, logging_steps=args.updates,
         max_steps=args.updates * (args.warmup + args.steps), dataloader_num_workers=0,
         per_device_train_batch_size=args.prompts * args.n // args.updates,
@@ -176,7 +180,7 @@ def spawn(system: str, args, task: Path) -> dict:
         kind, _, engine = system.partition(":")
         cmd = [sys.executable, __file__, "--worker", kind, "--task", str(task), "--out", f.name,
                "--engine", engine or "vllm"]
-        for k in ("prompts", "n", "tokens", "updates", "steps", "warmup"):
+        for k in ("prompts", "n", "tokens", "updates", "steps", "warmup", "dtype"):
             cmd += [f"--{k}", str(getattr(args, k))]
         threads = str(args.threads)
         env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
@@ -209,6 +213,11 @@ def main() -> None:
     p.add_argument("--n", type=int, default=8, help="responses per prompt")
     p.add_argument("--tokens", type=int, default=40, help="max response tokens")
     p.add_argument("--updates", type=int, default=4, help="optimizer steps per rollout")
+    p.add_argument("--dtypes", default="float32,bfloat16",
+                   help="precisions to compare, comma-separated; each one is used by both "
+                        "systems (bfloat16: bf16 weights and activations, fp32 master weights "
+                        "and optimizer state; TRL: bf16=True)")
+    p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=1,
                    help="OMP/MKL threads of each system's process (the same for both)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per subprocess")
@@ -230,22 +239,24 @@ def main() -> None:
     from megatron_erc.demo import prepare
 
     systems = [f"ours:{e}" for e in args.engines.split(",")] + ["trl"]
-    runs = {s: [] for s in systems}
     with tempfile.TemporaryDirectory() as task:
         prepare(Path(task), seed=0)
-        print(f"{args.prompts} prompts x {args.n} responses x <= {args.tokens} tokens, "
-              f"{args.updates} updates per rollout; {args.rounds} round(s) of "
-              f"{args.warmup} warm-up + {args.steps} measured steps per system", flush=True)
-        for r in range(args.rounds):
-            order = systems if r % 2 == 0 else systems[::-1]  # A,B then B,A: no fixed second
-            for s in order:
-                res = spawn(s, args, Path(task))
-                runs[s].append(res)
-                rates = [x["tokens"] / x["seconds"] for x in res["steps"]]
-                print(f"  round {r + 1} {label(s):24s} tok/s median "
-                      f"{statistics.median(rates):7.0f}  ({res['process_s']:.0f} s process, "
-                      f"torch threads {res['threads']})", flush=True)
-    report(runs, args)
+        for dtype in args.dtypes.split(","):
+            args.dtype = dtype
+            runs = {s: [] for s in systems}
+            print(f"\n== {dtype}: {args.prompts} prompts x {args.n} responses x <= {args.tokens} "
+                  f"tokens, {args.updates} updates per rollout; {args.rounds} round(s) of "
+                  f"{args.warmup} warm-up + {args.steps} measured steps per system", flush=True)
+            for r in range(args.rounds):
+                order = systems if r % 2 == 0 else systems[::-1]  # A,B then B,A
+                for s in order:
+                    res = spawn(s, args, Path(task))
+                    runs[s].append(res)
+                    rates = [x["tokens"] / x["seconds"] for x in res["steps"]]
+                    print(f"  round {r + 1} {label(s):24s} tok/s median "
+                          f"{statistics.median(rates):7.0f}  ({res['process_s']:.0f} s process, "
+                          f"torch threads {res['threads']})", flush=True)
+            report(runs, args)
 
 
 def report(runs: dict, args) -> None:
@@ -272,7 +283,7 @@ def report(runs: dict, args) -> None:
         ratio = med[s] / med["trl"]
         rounds = ", ".join(f"{q:.2f}" for q in paired)
         verdict = "PASS" if ratio >= 2 else "FAIL"
-        print(f"ratio {label(s)} / TRL: {ratio:.2f}x (per round {rounds})  "
+        print(f"ratio {label(s)} / TRL, {args.dtype}: {ratio:.2f}x (per round {rounds})  "
               f"target >= 2x: {verdict}")
 
 
