@@ -13,6 +13,7 @@ import os
 import torch
 from torch import nn
 
+from . import fast_decode
 from .engine import NamedTensors, Sample, SamplingConfig, WeightUpdateSession
 
 
@@ -49,7 +50,9 @@ def sample_next(
 class EmbeddedEngine:
     """``RolloutEngine`` over a transformers causal LM (a local HF directory or a module).
 
-    ``max_batch_size`` bounds how many sequences (prompts x n) decode together.
+    ``max_batch_size`` bounds how many sequences (prompts x n) decode together. ``fast``
+    uses ``fast_decode`` (each prompt prefilled once, a preallocated KV cache) for Llama and
+    Qwen2 configs; other models, and ``fast=False``, decode through the HF model's forward.
     """
 
     def __init__(
@@ -59,6 +62,7 @@ class EmbeddedEngine:
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         max_batch_size: int = 256,
+        fast: bool = True,
     ) -> None:
         if isinstance(model, nn.Module):
             self.model = model
@@ -69,6 +73,7 @@ class EmbeddedEngine:
         self.model.to(device).eval()
         self.device = torch.device(device)
         self.max_batch_size = max_batch_size
+        self.fast = fast
         self._session: WeightUpdateSession | None = None
         self._staged: dict[str, torch.Tensor] = {}
 
@@ -80,15 +85,29 @@ class EmbeddedEngine:
     ) -> list[list[Sample]]:
         if any(len(p) == 0 for p in prompt_token_ids):
             raise ValueError("generate: every prompt needs at least one token.")
-        flat = [p for p in prompt_token_ids for _ in range(sampling.n)]
         gen = None
         if sampling.seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(sampling.seed)
-        samples: list[Sample] = []
-        for i in range(0, len(flat), self.max_batch_size):
-            samples += self._decode(flat[i : i + self.max_batch_size], sampling, gen)
-        n = sampling.n
+        n, samples = sampling.n, []
+        if self.fast and n <= self.max_batch_size and fast_decode.supports(self.model.config):
+            per_call = self.max_batch_size // n  # whole groups: a prompt is prefilled once
+            for i in range(0, len(prompt_token_ids), per_call):
+                samples += self._decode_fast(prompt_token_ids[i : i + per_call], sampling, gen)
+        else:
+            flat = [p for p in prompt_token_ids for _ in range(n)]
+            for i in range(0, len(flat), self.max_batch_size):
+                samples += self._decode(flat[i : i + self.max_batch_size], sampling, gen)
         return [samples[i * n : (i + 1) * n] for i in range(len(prompt_token_ids))]
+
+    def _decode_fast(
+        self, prompts: list[list[int]], sampling: SamplingConfig, gen: torch.Generator | None
+    ) -> list[Sample]:
+        tokens, logprobs, stopped = fast_decode.decode(
+            self.model, prompts, sampling.n, sampling.max_tokens,
+            lambda logits: sample_next(logits, sampling, gen), sampling.stop_token_ids,
+            self.device)
+        return [Sample(token_ids=t, logprobs=lp, finish_reason="stop" if s else "length")
+                for t, lp, s in zip(tokens, logprobs, stopped, strict=True)]
 
     def _decode(
         self, prompts: list[list[int]], sampling: SamplingConfig, gen: torch.Generator | None

@@ -59,7 +59,7 @@ def max_logprob_diff(model, out, temperature: float) -> float:
 
 def test_greedy_and_logprobs_match_hf(vllm_engine, tiny_model):
     out = vllm_engine.generate(PROMPTS, GREEDY)
-    ref = EmbeddedEngine(tiny_model).generate(PROMPTS, GREEDY)
+    ref = EmbeddedEngine(tiny_model, fast=False).generate(PROMPTS, GREEDY)
     assert [g[0].token_ids for g in out] == [r[0].token_ids for r in ref]
     assert all(g[0].finish_reason == "length" for g in out)
     diff = max_logprob_diff(tiny_model, out, 1.0)
@@ -84,7 +84,7 @@ def test_stop_token_and_length_agree_with_embedded(vllm_engine, tiny_model):
     stop = full.token_ids[4]
     cfg = SamplingConfig(temperature=0, max_tokens=10, stop_token_ids=(stop,))
     (got,), = vllm_engine.generate(PROMPTS[:1], cfg)
-    (ref,), = EmbeddedEngine(tiny_model).generate(PROMPTS[:1], cfg)
+    (ref,), = EmbeddedEngine(tiny_model, fast=False).generate(PROMPTS[:1], cfg)
     assert got.finish_reason == ref.finish_reason == "stop"
     assert got.token_ids == ref.token_ids and got.token_ids[-1] == stop
 
@@ -117,7 +117,7 @@ def test_update_weights_in_place_matches_embedded_on_new_weights(vllm_engine, ti
         updated = build_tiny_model()
         updated.load_state_dict(new, strict=False)
         got = vllm_engine.generate(PROMPTS, GREEDY)
-        ref = EmbeddedEngine(updated).generate(PROMPTS, GREEDY)
+        ref = EmbeddedEngine(updated, fast=False).generate(PROMPTS, GREEDY)
         assert [g[0].token_ids for g in got] != [g[0].token_ids for g in old]
         assert [g[0].token_ids for g in got] == [r[0].token_ids for r in ref]
         diff = max_logprob_diff(updated, got, 1.0)
