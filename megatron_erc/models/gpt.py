@@ -142,13 +142,18 @@ def transformer_config_from_hf(hf_config, parallel: ParallelConfig, **overrides)
 
 
 def layer_spec(config):
-    """Transformer Engine's layer spec when TE is importable, megatron's local spec otherwise."""
+    """Transformer Engine's layer spec when TE is importable, megatron's local spec otherwise
+    (with ``CausalGroupedAttention`` as its core attention)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     try:
         import transformer_engine  # noqa: F401
     except ImportError:
-        return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+        from megatron_erc.models.causal_attention import CausalGroupedAttention
+
+        spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec.submodules.self_attention.submodules.core_attention = CausalGroupedAttention
+        return spec
     return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
 
 
