@@ -142,3 +142,19 @@ def test_stream_in_buckets_bounds_bucket_size():
     assert [x for b in buckets for x in b] == tensors
     with pytest.raises(ValueError):
         next(stream_in_buckets([], 0))
+
+
+def test_sampler_draws_from_the_filtered_distribution():
+    from megatron_erc.rollout.embedded import sample_next, top_p_filter
+
+    g = torch.Generator().manual_seed(0)
+    row = torch.tensor([2.0, 0.0, -1.0, 1.0, -30.0, 0.5])
+    logits = row.expand(40000, -1)
+    for temperature, top_p in ((1.0, 1.0), (0.7, 0.9)):
+        cfg = SamplingConfig(temperature=temperature, top_p=top_p, seed=0)
+        tokens, logp = sample_next(logits, cfg, g)
+        want = top_p_filter((row / temperature)[None], top_p).softmax(-1)[0]
+        freq = torch.bincount(tokens, minlength=row.numel()).float() / tokens.numel()
+        assert (freq - want).abs().max() < 0.01, (freq, want)
+        assert torch.all(freq[want == 0] == 0), "a token outside the nucleus was drawn"
+        assert torch.allclose(logp, want.log()[tokens])
