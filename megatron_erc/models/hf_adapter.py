@@ -283,6 +283,20 @@ def _gather_tp(name: str, param: torch.Tensor, config, tp_group) -> torch.Tensor
 
 
 @torch.no_grad()
+def _global_params(model_chunks) -> Iterator[tuple[torch.nn.Module, str, torch.Tensor]]:
+    """``(GPTModel, global local-spec name, parameter)`` of every parameter of the chunks:
+    layer indices made global across pipeline stages, TE suffixes mapped to local ones."""
+    for chunk in model_chunks:
+        module = _unwrap(chunk)
+        names = global_names(module)
+        for local, param in module.named_parameters():
+            gname = names[local]
+            m = _LAYER.match(gname)
+            if m and (local_suffix := _te_to_local(m.group(2))):
+                gname = f"decoder.layers.{m.group(1)}.{local_suffix}"
+            yield module, gname, param
+
+
 def iter_hf_weights(model_chunks, hf_config,
                     tp_group=None) -> Iterator[tuple[str, torch.Tensor]]:
     """Stream this pipeline stage's weights as full HF tensors, one parameter at a time.
@@ -301,18 +315,11 @@ def iter_hf_weights(model_chunks, hf_config,
     if they must outlive the next optimizer step. Peak extra memory: one full parameter.
     """
     layout = HFLayout.from_config(hf_config)
-    for chunk in model_chunks:
-        module = _unwrap(chunk)
-        names = global_names(module)
-        for local, param in module.named_parameters():
-            gname = names[local]
-            if gname == "output_layer.weight" and layout.tied:
-                continue
-            m = _LAYER.match(gname)
-            if m and (local_suffix := _te_to_local(m.group(2))):
-                gname = f"decoder.layers.{m.group(1)}.{local_suffix}"
-            full = _gather_tp(gname, param, module.config, tp_group)
-            yield from megatron_to_hf_tensors(gname, full, layout)
+    for module, gname, param in _global_params(model_chunks):
+        if gname == "output_layer.weight" and layout.tied:
+            continue
+        full = _gather_tp(gname, param, module.config, tp_group)
+        yield from megatron_to_hf_tensors(gname, full, layout)
 
 
 @torch.no_grad()
@@ -325,14 +332,7 @@ def load_hf_weights(model_chunks, get_hf_tensor: Callable[[str], torch.Tensor], 
     Peak extra memory: one full fused tensor. No communication.
     """
     layout = HFLayout.from_config(hf_config)
-    for chunk in model_chunks:
-        module = _unwrap(chunk)
-        names = global_names(module)
-        for local, param in module.named_parameters():
-            gname = names[local]
-            m = _LAYER.match(gname)
-            if m and (local_suffix := _te_to_local(m.group(2))):
-                gname = f"decoder.layers.{m.group(1)}.{local_suffix}"
-            srcs = hf_sources(gname, layout)
-            full = hf_to_megatron_tensor(gname, [get_hf_tensor(s) for s in srcs], layout)
-            param.copy_(tp_slice(gname, full, param, module.config, tp_rank, tp_size))
+    for module, gname, param in _global_params(model_chunks):
+        srcs = hf_sources(gname, layout)
+        full = hf_to_megatron_tensor(gname, [get_hf_tensor(s) for s in srcs], layout)
+        param.copy_(tp_slice(gname, full, param, module.config, tp_rank, tp_size))
