@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import fast_decode
-from .engine import NamedTensors, Sample, SamplingConfig, WeightUpdateSession
+from .engine import Sample, SamplingConfig, StagedWeightUpdates
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -59,7 +59,7 @@ def sample_next(
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
 
 
-class EmbeddedEngine:
+class EmbeddedEngine(StagedWeightUpdates):
     """``RolloutEngine`` over a transformers causal LM (a local HF directory or a module).
 
     ``max_batch_size`` bounds how many sequences (prompts x n) decode together. ``fast``
@@ -86,7 +86,6 @@ class EmbeddedEngine:
         self.device = torch.device(device)
         self.max_batch_size = max_batch_size
         self.fast = fast
-        self._session: WeightUpdateSession | None = None
         self._staged: dict[str, torch.Tensor] = {}
 
     # --- generation -------------------------------------------------------------------------
@@ -178,45 +177,21 @@ class EmbeddedEngine:
         # named_parameters() drops the tied lm_head, like save_pretrained's checkpoint does.
         return dict(self.model.named_parameters())
 
-    def begin_update(self) -> None:
-        if self._session is not None:
-            raise RuntimeError("begin_update: an update session is already open.")
-        self._session = WeightUpdateSession(
-            expected={k: tuple(p.shape) for k, p in self._params().items()}
-        )
-        self._staged = {}
+    def _expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(p.shape) for k, p in self._params().items()}
 
-    def update_weights(self, named_tensors: NamedTensors) -> None:
-        if self._session is None:
-            self.begin_update()
-            try:
-                self.update_weights(named_tensors)
-                self.finish_update()
-            except BaseException:
-                self.abort_update()
-                raise
-            return
-        for name, tensor in named_tensors:
-            self._session.check(name, tensor)
-            # A copy: the caller may reuse its bucket buffers; nothing is applied before finish.
-            self._staged[name] = tensor.detach().to("cpu", copy=True)
+    def _stage(self, bucket: dict[str, torch.Tensor]) -> None:
+        self._staged.update(bucket)
 
-    def finish_update(self) -> None:
-        if self._session is None:
-            raise RuntimeError("finish_update: no update session is open (call begin_update).")
-        try:
-            self._session.check_complete()
-        except ValueError:
-            self.abort_update()
-            raise
+    def _commit(self) -> None:
         params = self._params()
         with torch.no_grad():
             for name, tensor in self._staged.items():
                 params[name].copy_(tensor)
-        self._session, self._staged = None, {}
+        self._staged = {}
 
-    def abort_update(self) -> None:
-        self._session, self._staged = None, {}
+    def _discard(self) -> None:
+        self._staged = {}
 
     # --- lifecycle (nothing to release: the model lives in the trainer's process) -----------
 

@@ -151,3 +151,67 @@ class WeightUpdateSession:
                 f"parameters were not sent (e.g. {missing[:5]}). Send the full set of weights: "
                 "vLLM silently keeps stale or corrupted weights after a partial reload."
             )
+
+
+class StagedWeightUpdates:
+    """``begin_update`` / ``update_weights`` / ``finish_update`` / ``abort_update`` for
+    engines that stage checked buckets and apply them all at once.
+
+    An engine supplies ``_expected_shapes()`` (HF name -> shape), ``_stage(bucket)`` (keep a
+    checked ``{name: cpu tensor}`` bucket, not applied yet), ``_commit()`` (apply everything
+    staged) and ``_discard()`` (drop it). ``update_weights`` outside a session is a one-shot
+    session of its own. Nothing is applied unless the whole set arrived.
+    """
+
+    _session: WeightUpdateSession | None = None
+
+    def begin_update(self) -> None:
+        if self._session is not None:
+            raise RuntimeError("begin_update: an update session is already open.")
+        self._discard()
+        self._session = WeightUpdateSession(expected=self._expected_shapes())
+
+    def update_weights(self, named_tensors: NamedTensors) -> None:
+        if self._session is None:
+            self.begin_update()
+            try:
+                self.update_weights(named_tensors)
+                self.finish_update()
+            except BaseException:
+                self.abort_update()
+                raise
+            return
+        bucket = {}
+        for name, tensor in named_tensors:
+            self._session.check(name, tensor)
+            # A copy: the caller may reuse its bucket buffers; nothing is applied before finish.
+            bucket[name] = tensor.detach().to("cpu", copy=True).contiguous()
+        if bucket:
+            self._stage(bucket)
+
+    def finish_update(self) -> None:
+        if self._session is None:
+            raise RuntimeError("finish_update: no update session is open (call begin_update).")
+        try:
+            self._session.check_complete()
+        except ValueError:
+            self.abort_update()
+            raise
+        self._session = None
+        self._commit()
+
+    def abort_update(self) -> None:
+        self._session = None
+        self._discard()
+
+    def _expected_shapes(self) -> Mapping[str, tuple[int, ...]]:
+        raise NotImplementedError
+
+    def _stage(self, bucket: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def _commit(self) -> None:
+        raise NotImplementedError
+
+    def _discard(self) -> None:
+        raise NotImplementedError

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .engine import NamedTensors, Sample, SamplingConfig, WeightUpdateSession
+from .engine import Sample, SamplingConfig, StagedWeightUpdates
 
 VLLM_VERSION = "0.32.0"
 
@@ -79,7 +79,7 @@ def check_cpu_head_dim(model_dir: Path) -> None:
         )
 
 
-class VLLMEngine:
+class VLLMEngine(StagedWeightUpdates):
     """``RolloutEngine`` over ``vllm.LLM`` loaded from a local HF directory.
 
     ``multiprocessing``: None keeps the engine in this process on CPU
@@ -133,7 +133,6 @@ class VLLMEngine:
             enable_sleep_mode=enable_sleep_mode,
             **llm_kwargs,
         )
-        self._session: WeightUpdateSession | None = None
 
     def generate(
         self, prompt_token_ids: list[list[int]], sampling: SamplingConfig
@@ -176,46 +175,20 @@ class VLLMEngine:
 
     # --- weights ----------------------------------------------------------------------------
 
-    def begin_update(self) -> None:
-        if self._session is not None:
-            raise RuntimeError("begin_update: an update session is already open.")
-        self.llm.collective_rpc("erc_discard_weights")
-        self._session = WeightUpdateSession(expected=self._expected)
+    def _expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        return self._expected
 
-    def update_weights(self, named_tensors: NamedTensors) -> None:
-        if self._session is None:
-            self.begin_update()
-            try:
-                self.update_weights(named_tensors)
-                self.finish_update()
-            except BaseException:
-                self.abort_update()
-                raise
-            return
+    def _stage(self, bucket: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save
 
-        bucket = {}
-        for name, tensor in named_tensors:
-            self._session.check(name, tensor)
-            bucket[name] = tensor.detach().to("cpu").contiguous()
-        if bucket:
-            self.llm.collective_rpc("erc_stage_weights", args=(save(bucket),))
+        self.llm.collective_rpc("erc_stage_weights", args=(save(bucket),))
 
-    def finish_update(self) -> None:
-        if self._session is None:
-            raise RuntimeError("finish_update: no update session is open (call begin_update).")
-        try:
-            self._session.check_complete()
-        except ValueError:
-            self.abort_update()
-            raise
-        self._session = None
+    def _commit(self) -> None:
         self.llm.collective_rpc("erc_commit_weights")
         # Cached KV blocks of old prompts were computed with the old weights.
         self.llm.reset_prefix_cache()
 
-    def abort_update(self) -> None:
-        self._session = None
+    def _discard(self) -> None:
         self.llm.collective_rpc("erc_discard_weights")
 
     # --- lifecycle --------------------------------------------------------------------------
