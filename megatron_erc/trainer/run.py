@@ -64,17 +64,17 @@ def build_actor(cfg: TrainConfig):
 
 def build_engine(cfg: TrainConfig, actor):
     """The rollout engine of this rank's data-parallel replica (None on its other ranks)."""
+    import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from transformers import AutoModelForCausalLM
 
     from megatron_erc.rollout import EmbeddedEngine, sync_weights, vllm_available
+    from megatron_erc.trainer.steps import engine_weights
 
-    if cfg.parallel.pp > 1:
-        raise NotImplementedError("RL with parallel.pp > 1 needs cross-stage weight sync, "
-                                  "which is not implemented yet; use tp/dp for now")
-    import torch.distributed as dist
-
-    is_engine_rank = ps.get_tensor_model_parallel_rank() == 0
+    # The first pipeline stage's TP rank 0 generates for its data-parallel replica
+    # (collect_rollouts broadcasts from the model-parallel group's rank 0: this rank).
+    is_engine_rank = (ps.get_tensor_model_parallel_rank() == 0
+                      and ps.get_pipeline_model_parallel_rank() == 0)
     kind = cfg.rollout.engine
     multi_rank = dist.get_world_size() > 1
     if kind == "auto":
@@ -97,7 +97,7 @@ def build_engine(cfg: TrainConfig, actor):
         else:
             engine = EmbeddedEngine(AutoModelForCausalLM.from_config(
                 actor.hf_config, dtype=getattr(torch, cfg.parallel.params_dtype)))
-    weights = actor.hf_weights()  # the engine starts from the actor's exact weights
+    weights = engine_weights(actor)  # the engine starts from the actor's exact weights
     if engine is not None:
         sync_weights(engine, weights)
     else:

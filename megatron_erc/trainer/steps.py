@@ -149,12 +149,25 @@ def update(cfg, actor, mini: list[dict]) -> dict:
     return out
 
 
-def sync_engine(cfg, actor, engine) -> dict:
-    """Stream the updated weights into the engine in buckets (every TP rank gathers in
-    lockstep; only the engine rank consumes)."""
-    from megatron_erc.rollout import sync_weights
+def engine_weights(actor):
+    """The whole model as HF ``(name, tensor)`` pairs on the engine's rank (TP rank 0 of the
+    first pipeline stage). Every rank must exhaust the iterator: TP ranks gather their shards
+    in lockstep, later pipeline stages send their layers to the first stage."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_erc.models.pipeline_weights import stream_pipeline_weights
 
     weights = actor.hf_weights()
+    if actor.parallel.pp > 1 and actor.tp_rank == 0:
+        weights = stream_pipeline_weights(weights, ps.get_pipeline_model_parallel_group())
+    return weights
+
+
+def sync_engine(cfg, actor, engine) -> dict:
+    """Stream the updated weights into the engine in buckets (see ``engine_weights``)."""
+    from megatron_erc.rollout import sync_weights
+
+    weights = engine_weights(actor)
     if engine is None:
         for _ in weights:
             pass
@@ -165,10 +178,16 @@ def sync_engine(cfg, actor, engine) -> dict:
 
 def reduce_metrics(m: dict, actor) -> dict:
     """Step metrics for the whole job: loss metrics (already per global token) summed over
-    data-parallel ranks, the rest averaged. Only ranks of the last pipeline stage hold loss
-    metrics; the values are broadcast from global rank 0's view of its DP group."""
+    data-parallel ranks, the rest averaged. Only ranks of the last pipeline stage compute
+    loss metrics; they are first copied to the other stages over the pipeline group."""
     from megatron.core import parallel_state as ps
 
+    pp_group = ps.get_pipeline_model_parallel_group()
+    if dist.get_world_size(pp_group) > 1:  # loss metrics: from the last stage to the others
+        last = [m]
+        dist.broadcast_object_list(last, src=dist.get_global_rank(
+            pp_group, dist.get_world_size(pp_group) - 1), group=pp_group)
+        m = {**last[0], **m}
     group = ps.get_data_parallel_group()
     if dist.get_world_size(group) == 1:
         return m

@@ -1,5 +1,5 @@
 """End-to-end ``megatron-erc train`` runs in fresh processes (the CLI a user runs): TP=1,
-TP=2 over torchrun+gloo, checkpoint at exit, resume matching an uninterrupted run, SIGTERM.
+TP=2 and PP=2 over torchrun+gloo, checkpoint at exit, resume matching an uninterrupted run, SIGTERM.
 """
 
 from __future__ import annotations
@@ -93,6 +93,19 @@ def test_train_tp2_over_torchrun(task, tmp_path):
     rows = metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2]
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows)
+    assert checkpoints(run_dir) == ["step_00000002"]
+
+
+def test_train_pp2_over_torchrun(task, tmp_path):
+    """Pipeline-parallel RL: the engine on the first stage gets the last stage's layers, and
+    the loss metrics computed on the last stage reach the log written by rank 0."""
+    run_dir = tmp_path / "pp2"
+    train(overrides(task, run_dir, 2, "parallel.pp=2"), nproc=2)
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        for k in KEYS:
+            assert k in r and r[k] is not None and math.isfinite(r[k]), (k, r)
     assert checkpoints(run_dir) == ["step_00000002"]
 
 
