@@ -77,12 +77,12 @@ def _generate_batch(cfg, ctx, sampling, t: dict):
         for g in filt.kept_group_ids.tolist():
             kept.append((chosen[g][0], groups[g], shaped[g * n:(g + 1) * n]))
         rounds += 1
-    metrics.update({"dynamic_sampling/groups_kept": len(kept), "dynamic_sampling/rounds": rounds})
     t["generate_s"] = gen_s
     if len(kept) < r.prompts_per_step:
         log.warning("dynamic sampling: only %d of %d groups have non-equal rewards after %d "
                     "rounds; training on what there is", len(kept), r.prompts_per_step, rounds)
-    kept = kept[: r.prompts_per_step]
+    kept = kept[: r.prompts_per_step]  # the last round may overshoot
+    metrics.update({"dynamic_sampling/groups_kept": len(kept), "dynamic_sampling/rounds": rounds})
     if not kept:
         return None, metrics
     rewards = torch.cat([r for _, _, r in kept])

@@ -74,6 +74,7 @@ def test_train_tp1_resume_matches_uninterrupted(task, tmp_path):
     for r in rows:
         for k in KEYS:
             assert k in r and r[k] is not None and math.isfinite(r[k]), (k, r)
+        assert 1 <= r["dynamic_sampling/groups_kept"] <= 4  # trained on, not found
     assert checkpoints(full) == ["step_00000003"]
 
     train(overrides(task, part, 2))
