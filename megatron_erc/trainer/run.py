@@ -78,14 +78,8 @@ def build_engine(cfg: TrainConfig, actor):
     kind = cfg.rollout.engine
     multi_rank = dist.get_world_size() > 1
     if kind == "auto":
-        # In-process vLLM joins the trainer's torch.distributed world and waits for ranks
-        # that never build an engine: multi-rank runs use the embedded engine for now.
-        kind = "vllm" if vllm_available() and not multi_rank else "embedded"
-    elif kind == "vllm" and multi_rank:
-        raise NotImplementedError(
-            "rollout.engine=vllm with more than one trainer rank is not supported yet (the "
-            "in-process engine would join the trainer's process group and hang); use "
-            "rollout.engine=embedded or auto for multi-rank runs")
+        kind = "vllm" if vllm_available() else "embedded"
+
     engine = None
     if is_engine_rank:
         if kind == "vllm":
@@ -93,7 +87,11 @@ def build_engine(cfg: TrainConfig, actor):
 
             engine = VLLMEngine(cfg.model.path, max_model_len=cfg.run.seq_len + 8,
                                 kv_cache_memory_bytes=cfg.rollout.vllm_kv_cache_mb << 20,
-                                dtype=cfg.parallel.params_dtype, seed=cfg.run.seed)
+                                dtype=cfg.parallel.params_dtype, seed=cfg.run.seed,
+                                # in this process, vLLM would set up torch.distributed itself
+                                # inside the trainer's world and wait for the other ranks:
+                                # multi-rank runs keep its engine core in a process of its own
+                                multiprocessing=True if multi_rank else None)
         else:
             engine = EmbeddedEngine(AutoModelForCausalLM.from_config(
                 actor.hf_config, dtype=getattr(torch, cfg.parallel.params_dtype)))

@@ -97,6 +97,26 @@ def test_train_tp2_over_torchrun(task, tmp_path):
     assert checkpoints(run_dir) == ["step_00000002"]
 
 
+def test_train_tp2_with_vllm_engine(task, tmp_path):
+    """Multi-rank runs keep vLLM's engine core in its own process. With TIS on, the loss
+    logs how far the engine's log-probs are from the trainer's (mismatch/kl): ~0 only if the
+    engine generated with the weights of the step before, i.e. every sync arrived."""
+    from megatron_erc.rollout import vllm_available
+
+    if not vllm_available():
+        pytest.skip("vLLM is not installed")
+    run_dir = tmp_path / "tp2_vllm"
+    args = [a for a in overrides(task, run_dir, 3, "parallel.tp=2", "algo.tis_cap=2.0")
+            if a != "rollout.engine=embedded"] + ["rollout.engine=vllm"]
+    out = train(args, nproc=2)
+    assert "engine=vllm" in out.stdout
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert math.isfinite(r["loss"]) and r["mismatch/kl"] < 1e-6, r
+    assert max(r["kl/approx"] for r in rows) > 1e-5, "the policy must move between steps"
+
+
 def test_train_pp2_over_torchrun(task, tmp_path):
     """Pipeline-parallel RL: the engine on the first stage gets the last stage's layers, and
     the loss metrics computed on the last stage reach the log written by rank 0."""
