@@ -59,6 +59,12 @@ def sample_next(
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
 
 
+def _samples(tokens: list[list[int]], logprobs: list[list[float]], stopped: list[bool]
+             ) -> list[Sample]:
+    return [Sample(token_ids=t, logprobs=lp, finish_reason="stop" if s else "length")
+            for t, lp, s in zip(tokens, logprobs, stopped, strict=True)]
+
+
 class EmbeddedEngine(StagedWeightUpdates):
     """``RolloutEngine`` over a transformers causal LM (a local HF directory or a module).
 
@@ -86,6 +92,7 @@ class EmbeddedEngine(StagedWeightUpdates):
         self.device = torch.device(device)
         self.max_batch_size = max_batch_size
         self.fast = fast
+        self._fused: fast_decode.FusedWeights | None = None
         self._staged: dict[str, torch.Tensor] = {}
 
     # --- generation -------------------------------------------------------------------------
@@ -113,63 +120,37 @@ class EmbeddedEngine(StagedWeightUpdates):
     def _decode_fast(
         self, prompts: list[list[int]], sampling: SamplingConfig, gen: torch.Generator | None
     ) -> list[Sample]:
-        tokens, logprobs, stopped = fast_decode.decode(
-            self.model, prompts, sampling.n, sampling.max_tokens,
+        if self._fused is None:  # weights change only through update sessions (_commit)
+            self._fused = fast_decode.FusedWeights(self.model)
+        return _samples(*fast_decode.decode(
+            self.model, self._fused, prompts, sampling.n, sampling.max_tokens,
             lambda logits: sample_next(logits, sampling, gen), sampling.stop_token_ids,
-            self.device)
-        return [Sample(token_ids=t, logprobs=lp, finish_reason="stop" if s else "length")
-                for t, lp, s in zip(tokens, logprobs, stopped, strict=True)]
+            self.device))
 
     def _decode(
         self, prompts: list[list[int]], sampling: SamplingConfig, gen: torch.Generator | None
     ) -> list[Sample]:
-        from transformers import DynamicCache
-
-        batch, width = len(prompts), max(len(p) for p in prompts)
-        ids = torch.zeros(batch, width, dtype=torch.long)
-        mask = torch.zeros(batch, width, dtype=torch.long)
-        for row, p in enumerate(prompts):  # left padding: every row's last token is at -1
-            ids[row, width - len(p) :] = torch.tensor(p)
-            mask[row, width - len(p) :] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
-        next_pos = positions[:, -1:] + 1
-
+        logits, cache, mask, next_pos = fast_decode.left_padded_prefill(
+            self.model, prompts, self.device)
+        next_pos = next_pos[:, -1:] + 1
         stop = torch.tensor(sampling.stop_token_ids, dtype=torch.long, device=self.device)
-        done = torch.zeros(batch, dtype=torch.bool, device=self.device)
-        stopped = torch.zeros_like(done)
+        done = torch.zeros(len(prompts), dtype=torch.bool, device=self.device)
         tokens, logprobs = [], []
         for step in range(sampling.max_tokens):
-            tok, lp = sample_next(out.logits[:, -1], sampling, gen)
+            tok, lp = sample_next(logits, sampling, gen)
             tokens.append(tok)
             logprobs.append(lp)
-            live = ~done
-            hit = live & torch.isin(tok, stop)
-            stopped |= hit
-            done |= hit
+            done |= torch.isin(tok, stop)
             if bool(done.all()) or step == sampling.max_tokens - 1:
                 break
             # Finished rows keep decoding (cheaper than re-packing the cache); their extra
-            # tokens are cut below.
-            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
-            out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos,
-                             past_key_values=cache, use_cache=True)
+            # tokens are cut by cut_at_stop.
+            mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
+            logits = self.model(input_ids=tok[:, None], attention_mask=mask,
+                                position_ids=next_pos, past_key_values=cache,
+                                use_cache=True).logits[:, -1]
             next_pos = next_pos + 1
-
-        tok_mat = torch.stack(tokens, dim=1).tolist()
-        lp_mat = torch.stack(logprobs, dim=1).float().tolist()
-        result = []
-        for row in range(batch):
-            length = len(tok_mat[row])
-            if stopped[row]:
-                length = next(t for t, x in enumerate(tok_mat[row]) if x in sampling.stop_token_ids)
-                length += 1
-            result.append(Sample(token_ids=tok_mat[row][:length], logprobs=lp_mat[row][:length],
-                                 finish_reason="stop" if stopped[row] else "length"))
-        return result
+        return _samples(*fast_decode.cut_at_stop(tokens, logprobs, sampling.stop_token_ids))
 
     # --- weights ----------------------------------------------------------------------------
 
@@ -188,7 +169,7 @@ class EmbeddedEngine(StagedWeightUpdates):
         with torch.no_grad():
             for name, tensor in self._staged.items():
                 params[name].copy_(tensor)
-        self._staged = {}
+        self._staged, self._fused = {}, None
 
     def _discard(self) -> None:
         self._staged = {}

@@ -3,14 +3,14 @@
 ``transformers.generate``-style decoding spends most of a small model's step in per-token
 framework work: a growing ``DynamicCache`` (one ``cat`` per layer and step), 4-D mask
 building and a fused attention kernel tiled for long queries. This loop keeps the same math
-and the same weights (read from the HF module at each call, so weight sync needs nothing
-extra) with less around it:
+and the same weights (the HF module's, fused once per weight version) with less around it:
 
 - each distinct prompt is prefilled once by the HF model, and its KV cache is copied to its
   ``n`` samples (what vLLM's prefix cache does for a group);
 - a preallocated KV cache per layer, written in place (keys stored transposed,
   ``[B, kv_heads, head_dim, P + T]``, so the score matmul reads them without a copy);
-- fused ``[q; k; v]`` and ``[gate; up]`` weights, RoPE tables built once per call;
+- fused ``[q; k; v]`` and ``[gate; up]`` weights (built by the engine once per weight
+  version), RoPE tables built once per call;
 - attention of one query token as two small batched matmuls over the valid cache.
 
 Numerics follow HF's eager Llama/Qwen2 (RMSNorm in fp32, ``rotate_half`` RoPE, softmax in
@@ -47,8 +47,9 @@ def _rope_theta(config) -> float:
     return float(getattr(config, "rope_theta", 10000.0))
 
 
-class _Weights:
-    """The model's weights, fused for decoding (``[q; k; v]``, ``[gate; up]``)."""
+class FusedWeights:
+    """The model's weights, fused for decoding (``[q; k; v]``, ``[gate; up]``): copies, so
+    they must be rebuilt after the model's weights change."""
 
     def __init__(self, model):
         inner = model.model
@@ -83,22 +84,12 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def decode(model, prompts: list[list[int]], n: int, max_tokens: int, sample, stop_ids,
-           device) -> tuple[list[list[int]], list[list[float]], list[bool]]:
-    """Sample ``n`` continuations of each prompt; ``sample(logits [B, V]) -> (tokens, logp)``.
-
-    Rows are ``prompt-major`` (``n`` consecutive rows per prompt). Returns per row the sampled
-    tokens, their log-probs (both cut after the first stop token) and whether it stopped.
-    """
+def left_padded_prefill(model, prompts: list[list[int]], device):
+    """One HF forward over the left-padded prompts into a fresh ``DynamicCache`` (every row's
+    last token at column -1). Returns ``(last logits [P, V], cache, mask, positions)``, the
+    two latter ``[P, width]``."""
     from transformers import DynamicCache
 
-    cfg = model.config
-    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    dtype = model.lm_head.weight.dtype
-    w = _Weights(model)
-
-    # Prefill each distinct prompt once (left-padded) with the HF model itself.
     width = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros(len(prompts), width, dtype=torch.long)
@@ -107,13 +98,48 @@ def decode(model, prompts: list[list[int]], n: int, max_tokens: int, sample, sto
         mask[row, width - len(p):] = 1
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=cfg)
+    cache = DynamicCache(config=model.config)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
                 past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1], cache, mask, positions
+
+
+def cut_at_stop(tokens: list[torch.Tensor], logprobs: list[torch.Tensor], stop_ids
+                ) -> tuple[list[list[int]], list[list[float]], list[bool]]:
+    """Per row of the decoded ``[B]`` steps: tokens and log-probs up to and including the
+    first stop token, and whether there was one (rows keep decoding after they stop)."""
+    tok_mat = torch.stack(tokens, dim=1).tolist()
+    lp_mat = torch.stack(logprobs, dim=1).float().tolist()
+    stops = set(stop_ids)
+    out_tokens, out_lp, stopped = [], [], []
+    for toks, lps in zip(tok_mat, lp_mat, strict=True):
+        length = next((t + 1 for t, x in enumerate(toks) if x in stops), None)
+        stopped.append(length is not None)
+        out_tokens.append(toks[:length])
+        out_lp.append(lps[:length])
+    return out_tokens, out_lp, stopped
+
+
+@torch.no_grad()
+def decode(model, weights: FusedWeights, prompts: list[list[int]], n: int, max_tokens: int,
+           sample, stop_ids, device) -> tuple[list[list[int]], list[list[float]], list[bool]]:
+    """Sample ``n`` continuations of each prompt; ``sample(logits [B, V]) -> (tokens, logp)``.
+
+    ``weights``: ``FusedWeights(model)`` for the model's current weights. Rows are
+    ``prompt-major`` (``n`` consecutive rows per prompt); returns ``cut_at_stop``'s triple.
+    """
+    cfg = model.config
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    dtype = model.lm_head.weight.dtype
+
+    # Prefill each distinct prompt once with the HF model itself.
+    last_logits, cache, mask, positions = left_padded_prefill(model, prompts, device)
+    width = mask.shape[1]
 
     batch, total = len(prompts) * n, width + max_tokens
     keys, values = [], []
-    for layer in range(len(w.layers)):
+    for layer in range(len(weights.layers)):
         k, v = cache.layers[layer].keys, cache.layers[layer].values  # [p, kvh, width, d]
         kc = k.new_empty(batch, kv_heads, head_dim, total)  # keys stored transposed
         vc = v.new_empty(batch, kv_heads, total, head_dim)
@@ -136,7 +162,7 @@ def decode(model, prompts: list[list[int]], n: int, max_tokens: int, sample, sto
     group = heads // kv_heads
     q_size, kv_size = heads * head_dim, kv_heads * head_dim
 
-    logits = out.logits[:, -1].repeat_interleave(n, dim=0)
+    logits = last_logits.repeat_interleave(n, dim=0)
     stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens, logprobs = [], []
@@ -150,7 +176,7 @@ def decode(model, prompts: list[list[int]], n: int, max_tokens: int, sample, sto
         slot = width + step  # cache column of this token (same for every row)
         cos, sin = cos_table[next_pos][:, None], sin_table[next_pos][:, None]  # [B, 1, d]
         h = model.model.embed_tokens(tok)  # [B, H]
-        for lw, kc, vc in zip(w.layers, keys, values, strict=True):
+        for lw, kc, vc in zip(weights.layers, keys, values, strict=True):
             x = _rms_norm(h, lw["ln1"])
             qkv = F.linear(x, lw["qkv"], lw["qkv_b"])
             q = qkv[:, :q_size].view(batch, heads, head_dim)
@@ -164,17 +190,7 @@ def decode(model, prompts: list[list[int]], n: int, max_tokens: int, sample, sto
             h = h + F.linear(att, lw["o"])
             gate, up = F.linear(_rms_norm(h, lw["ln2"]), lw["gate_up"]).chunk(2, dim=-1)
             h = h + F.linear(F.silu(gate) * up, lw["down"])
-        logits = F.linear(_rms_norm(h, w.norm), w.lm_head)
+        logits = F.linear(_rms_norm(h, weights.norm), weights.lm_head)
         next_pos = next_pos + 1
 
-    tok_mat = torch.stack(tokens, dim=1).tolist()
-    lp_mat = torch.stack(logprobs, dim=1).float().tolist()
-    stops = set(stop_ids)
-    out_tokens, out_lp, stopped = [], [], []
-    for row in range(batch):
-        length = next((t + 1 for t, x in enumerate(tok_mat[row]) if x in stops), None)
-        stopped.append(length is not None)
-        length = length or len(tok_mat[row])
-        out_tokens.append(tok_mat[row][:length])
-        out_lp.append(lp_mat[row][:length])
-    return out_tokens, out_lp, stopped
+    return cut_at_stop(tokens, logprobs, stop_ids)

@@ -68,8 +68,8 @@ def build_engine(cfg: TrainConfig, actor):
     from megatron.core import parallel_state as ps
     from transformers import AutoModelForCausalLM
 
-    from megatron_erc.rollout import EmbeddedEngine, sync_weights, vllm_available
-    from megatron_erc.trainer.steps import engine_weights
+    from megatron_erc.rollout import EmbeddedEngine, vllm_available
+    from megatron_erc.trainer.steps import sync_engine
 
     # The first pipeline stage's TP rank 0 generates for its data-parallel replica
     # (collect_rollouts broadcasts from the model-parallel group's rank 0: this rank).
@@ -79,7 +79,6 @@ def build_engine(cfg: TrainConfig, actor):
     multi_rank = dist.get_world_size() > 1
     if kind == "auto":
         kind = "vllm" if vllm_available() else "embedded"
-
     engine = None
     if is_engine_rank:
         if kind == "vllm":
@@ -95,12 +94,7 @@ def build_engine(cfg: TrainConfig, actor):
         else:
             engine = EmbeddedEngine(AutoModelForCausalLM.from_config(
                 actor.hf_config, dtype=getattr(torch, cfg.parallel.params_dtype)))
-    weights = engine_weights(actor)  # the engine starts from the actor's exact weights
-    if engine is not None:
-        sync_weights(engine, weights)
-    else:
-        for _ in weights:
-            pass
+    sync_engine(cfg, actor, engine)  # the engine starts from the actor's exact weights
     return engine, kind
 
 
