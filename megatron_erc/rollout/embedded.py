@@ -162,7 +162,8 @@ class EmbeddedEngine(StagedWeightUpdates):
         return {k: tuple(p.shape) for k, p in self._params().items()}
 
     def _stage(self, bucket: dict[str, torch.Tensor]) -> None:
-        self._staged.update(bucket)
+        # copies: the caller may reuse its buffers (or they are live trainer parameters)
+        self._staged.update({k: v.clone() for k, v in bucket.items()})
 
     def _commit(self) -> None:
         params = self._params()

@@ -158,9 +158,11 @@ class StagedWeightUpdates:
     engines that stage checked buckets and apply them all at once.
 
     An engine supplies ``_expected_shapes()`` (HF name -> shape), ``_stage(bucket)`` (keep a
-    checked ``{name: cpu tensor}`` bucket, not applied yet), ``_commit()`` (apply everything
-    staged) and ``_discard()`` (drop it). ``update_weights`` outside a session is a one-shot
-    session of its own. Nothing is applied unless the whole set arrived.
+    checked ``{name: cpu tensor}`` bucket, not applied yet; the tensors may be views of the
+    caller's buffers, so an engine that holds them past the call copies them),
+    ``_commit()`` (apply everything staged) and ``_discard()`` (drop it). ``update_weights``
+    outside a session is a one-shot session of its own. Nothing is applied unless the whole
+    set arrived.
     """
 
     _session: WeightUpdateSession | None = None
@@ -184,8 +186,7 @@ class StagedWeightUpdates:
         bucket = {}
         for name, tensor in named_tensors:
             self._session.check(name, tensor)
-            # A copy: the caller may reuse its bucket buffers; nothing is applied before finish.
-            bucket[name] = tensor.detach().to("cpu", copy=True).contiguous()
+            bucket[name] = tensor.detach().to("cpu").contiguous()
         if bucket:
             self._stage(bucket)
 
