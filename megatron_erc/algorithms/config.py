@@ -104,6 +104,11 @@ class PolicyLossConfig:
     `policy_loss` (that term has its own token denominator): the trainer adds
     `pos_nll_coef * positive_nll(...)`. 0 disables it; the ERC recipe uses 0.1."""
 
+    logprob_chunk_mb: int = 64
+    """Memory budget (MiB) of the log-prob/entropy op's fp32 work buffers: tokens are
+    processed in chunks sized so two fp32 `[chunk, V/tp]` buffers fit in it. Used by every
+    training, scoring and SFT call; larger trades memory for fewer, bigger kernels."""
+
     def __post_init__(self) -> None:
         if isinstance(self.erc, dict):
             self.erc = ErcConfig(**self.erc)
@@ -156,6 +161,11 @@ class PolicyLossConfig:
                     f"PolicyLossConfig.tis_cap must be > 0; got {self.tis_cap}. Use None to "
                     f"disable truncated importance sampling (typical caps are 2 to 10)."
                 )
+        if not isinstance(self.logprob_chunk_mb, int) or self.logprob_chunk_mb < 1:
+            raise ValueError(
+                f"PolicyLossConfig.logprob_chunk_mb must be an int >= 1 (MiB); got "
+                f"{self.logprob_chunk_mb!r}. 64 bounds the buffers at 64 MiB per rank."
+            )
         if self.pos_nll_coef < 0.0:
             raise ValueError(
                 f"PolicyLossConfig.pos_nll_coef must be >= 0; got {self.pos_nll_coef}. Use 0 "

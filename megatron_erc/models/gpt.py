@@ -35,6 +35,9 @@ class ParallelConfig:
     """The vocabulary is padded to a multiple of ``pad_vocab_multiple * tp``."""
     params_dtype: str = "float32"
     """Parameter dtype: float32 or bfloat16."""
+    distributed_timeout_min: float = 60.0
+    """Timeout (minutes) of every collective, in ``init_process_group`` and megatron's
+    groups. NCCL's default of 10 is shorter than a long rollout or a validation pass."""
 
     def __post_init__(self):
         for name in ("tp", "pp", "pad_vocab_multiple"):
@@ -45,6 +48,9 @@ class ParallelConfig:
                              f"got pp={self.pp}, vpp={self.vpp}. Set vpp to null to disable it.")
         if self.sequence_parallel and self.tp == 1:
             raise ValueError("parallel.sequence_parallel needs tp >= 2; set it to false at tp=1")
+        if not self.distributed_timeout_min > 0:
+            raise ValueError(f"parallel.distributed_timeout_min must be > 0 (minutes), got "
+                             f"{self.distributed_timeout_min}")
         if self.params_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"parallel.params_dtype must be float32 or bfloat16, "
                              f"got {self.params_dtype!r}")

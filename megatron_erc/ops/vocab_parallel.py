@@ -212,6 +212,15 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
         return grad.view(logits.shape), None, None, None, None, None, None, None
 
 
+def chunk_rows(budget_mb: int, local_vocab: int) -> int:
+    """Tokens per chunk so that the op's two fp32 ``[chunk, local_vocab]`` work buffers fit in
+    ``budget_mb`` MiB (at least one token)."""
+    if budget_mb < 1 or local_vocab < 1:
+        raise ValueError(f"budget_mb and local_vocab must be >= 1, got {budget_mb}, "
+                         f"{local_vocab}")
+    return max(1, (budget_mb << 20) // (2 * 4 * local_vocab))
+
+
 def logprobs_and_entropy(
     logits: torch.Tensor,
     labels: torch.Tensor,
