@@ -9,6 +9,7 @@ from megatron_erc.algorithms.config import ErcConfig, OverlongConfig, PolicyLoss
 from megatron_erc.algorithms.erc import entropy_ratio, erc_keep_mask, stop_gradient_outside
 from megatron_erc.algorithms.losses import (
     NON_ADDITIVE_METRICS,
+    POLICY_LOSS_METRICS,
     policy_loss,
     positive_nll,
     positive_token_mask,
@@ -22,6 +23,7 @@ from megatron_erc.algorithms.sampling import (
 
 __all__ = [
     "NON_ADDITIVE_METRICS",
+    "POLICY_LOSS_METRICS",
     "ErcConfig",
     "GroupFilterResult",
     "OverlongConfig",

@@ -34,6 +34,11 @@ token gives a large finite ratio instead of inf/NaN. Tokens beyond it get no gra
 RHO_QUANTILES = (0.05, 0.5, 0.95)
 RHO_QUANTILE_NAMES = tuple(f"erc/ratio_p{round(q * 100):02d}" for q in RHO_QUANTILES)
 NON_ADDITIVE_METRICS = frozenset(RHO_QUANTILE_NAMES)
+POLICY_LOSS_METRICS = frozenset({
+    "mismatch/kl", "tis/capped_frac", "tis/weight_mean", "erc/ratio_mean", "entropy/mean",
+    "entropy/old_mean", "erc/dropped_frac", "erc/dropped_low_frac", "erc/dropped_high_frac",
+    "clip/low_frac", "clip/high_frac", "clip/dual_frac", "kl/approx"})
+"""The additive (per-global-token) metrics `policy_loss` may return."""
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:

@@ -10,11 +10,12 @@ import torch.distributed as dist
 from megatron_erc.platform.device import Platform, setup
 
 
-def init_process_group(platform: Platform | None = None) -> Platform:
+def init_process_group(platform: Platform | None = None, timeout=None) -> Platform:
     """Initialise the default group from torchrun's environment (or a single rank).
 
     Single-rank runs need no launcher: without ``WORLD_SIZE`` a one-rank group on a private
     file store is created, so megatron's parallel state works the same everywhere.
+    ``timeout`` (a ``datetime.timedelta``) bounds every collective of the group.
     """
     platform = platform or setup()
     if dist.is_initialized():
@@ -22,12 +23,13 @@ def init_process_group(platform: Platform | None = None) -> Platform:
     if platform.backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if "WORLD_SIZE" in os.environ:
-        dist.init_process_group(platform.backend)
+        dist.init_process_group(platform.backend, timeout=timeout)
     else:
         import tempfile
 
         store = dist.FileStore(tempfile.mktemp(prefix="megatron-erc-store-"), 1)
-        dist.init_process_group(platform.backend, store=store, rank=0, world_size=1)
+        dist.init_process_group(platform.backend, store=store, rank=0, world_size=1,
+                                timeout=timeout)
     return platform
 
 

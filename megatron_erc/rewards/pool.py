@@ -301,10 +301,9 @@ class RewardGrader:
             pass
 
 
+COUNT_NAMES = ("reward/graded", "reward/timeouts", "reward/errors", "reward/worker_restarts")
+"""The keys of ``GradeResult.counts``."""
+
+
 def _zero_counts() -> dict[str, int]:
-    return {
-        "reward/graded": 0,
-        "reward/timeouts": 0,
-        "reward/errors": 0,
-        "reward/worker_restarts": 0,
-    }
+    return dict.fromkeys(COUNT_NAMES, 0)

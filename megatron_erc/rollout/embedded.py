@@ -33,7 +33,11 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.scatter(-1, order, sorted_logits)
 
 
-def _inverse_cdf_draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+Generators = torch.Generator | list[torch.Generator] | None
+"""One generator for the whole batch, one per row, or None (global RNG)."""
+
+
+def _inverse_cdf_draw(probs: torch.Tensor, generator: Generators) -> torch.Tensor:
     """One draw per row of ``probs [B, V]`` by inverting the CDF with one uniform per row.
 
     Exact like ``torch.multinomial`` but one random number per row instead of an
@@ -41,12 +45,16 @@ def _inverse_cdf_draw(probs: torch.Tensor, generator: torch.Generator | None) ->
     Tokens of probability 0 (outside the top-p nucleus) are never drawn.
     """
     cdf = probs.cumsum(dim=-1)
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cdf[:, -1:]
+    if isinstance(generator, list):  # one generator per row: rows independent of the batch
+        u = torch.cat([torch.rand(1, generator=g, device=probs.device) for g in generator])
+        u = u[:, None] * cdf[:, -1:]
+    else:
+        u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
 def sample_next(
-    logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None
+    logits: torch.Tensor, sampling: SamplingConfig, generator: Generators
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row of fp32 ``logits [B, V]``; returns ``(tokens [B], logprobs [B])``."""
     logits = logits.float()
@@ -99,26 +107,41 @@ class EmbeddedEngine(StagedWeightUpdates):
 
     @torch.no_grad()
     def generate(
-        self, prompt_token_ids: list[list[int]], sampling: SamplingConfig
+        self, prompt_token_ids: list[list[int]], sampling: SamplingConfig,
+        seeds: list[int] | None = None,
     ) -> list[list[Sample]]:
+        """``seeds[i]``: seed of prompt ``i``'s samples (each of its ``n`` rows draws from its
+        own generator), so a prompt's responses do not depend on the batch it shares;
+        otherwise ``sampling.seed`` seeds one generator for the whole call."""
         if any(len(p) == 0 for p in prompt_token_ids):
             raise ValueError("generate: every prompt needs at least one token.")
-        gen = None
-        if sampling.seed is not None:
-            gen = torch.Generator(device=self.device).manual_seed(sampling.seed)
         n, samples = sampling.n, []
+        if seeds is not None:
+            if len(seeds) != len(prompt_token_ids):
+                raise ValueError(f"generate: {len(seeds)} seeds for {len(prompt_token_ids)} "
+                                 "prompts")
+            rows = [torch.Generator(device=self.device).manual_seed(
+                hash((int(seed), j)) & (2**63 - 1)) for seed in seeds for j in range(n)]
+            gen_of = lambda start, stop: rows[start:stop]  # noqa: E731
+        else:
+            gen = None
+            if sampling.seed is not None:
+                gen = torch.Generator(device=self.device).manual_seed(sampling.seed)
+            gen_of = lambda start, stop: gen  # noqa: E731
         if self.fast and n <= self.max_batch_size and fast_decode.supports(self.model.config):
             per_call = self.max_batch_size // n  # whole groups: a prompt is prefilled once
             for i in range(0, len(prompt_token_ids), per_call):
-                samples += self._decode_fast(prompt_token_ids[i : i + per_call], sampling, gen)
+                samples += self._decode_fast(prompt_token_ids[i : i + per_call], sampling,
+                                             gen_of(i * n, (i + per_call) * n))
         else:
             flat = [p for p in prompt_token_ids for _ in range(n)]
             for i in range(0, len(flat), self.max_batch_size):
-                samples += self._decode(flat[i : i + self.max_batch_size], sampling, gen)
+                samples += self._decode(flat[i : i + self.max_batch_size], sampling,
+                                        gen_of(i, i + self.max_batch_size))
         return [samples[i * n : (i + 1) * n] for i in range(len(prompt_token_ids))]
 
     def _decode_fast(
-        self, prompts: list[list[int]], sampling: SamplingConfig, gen: torch.Generator | None
+        self, prompts: list[list[int]], sampling: SamplingConfig, gen: Generators
     ) -> list[Sample]:
         if self._fused is None:  # weights change only through update sessions (_commit)
             self._fused = fast_decode.FusedWeights(self.model)
@@ -128,7 +151,7 @@ class EmbeddedEngine(StagedWeightUpdates):
             self.device))
 
     def _decode(
-        self, prompts: list[list[int]], sampling: SamplingConfig, gen: torch.Generator | None
+        self, prompts: list[list[int]], sampling: SamplingConfig, gen: Generators
     ) -> list[Sample]:
         logits, cache, mask, next_pos = fast_decode.left_padded_prefill(
             self.model, prompts, self.device)

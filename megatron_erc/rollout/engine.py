@@ -89,9 +89,12 @@ class RolloutEngine(Protocol):
     """What the trainer needs from an inference engine."""
 
     def generate(
-        self, prompt_token_ids: list[list[int]], sampling: SamplingConfig
+        self, prompt_token_ids: list[list[int]], sampling: SamplingConfig,
+        seeds: list[int] | None = None,
     ) -> list[list[Sample]]:
-        """``sampling.n`` samples for each prompt, in prompt order: ``[num_prompts][n]``."""
+        """``sampling.n`` samples for each prompt, in prompt order: ``[num_prompts][n]``.
+        ``seeds[i]`` (optional) seeds prompt ``i``'s samples on their own, so they do not depend
+        on which engine or batch draws them (where the engine supports per-request seeds)."""
         ...
 
     def begin_update(self) -> None: ...

@@ -85,6 +85,12 @@ class VLLMEngine(StagedWeightUpdates):
     ``multiprocessing``: None keeps the engine in this process on CPU
     (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` unless the variable is already set) and leaves vLLM's
     default on GPU; True/False force it. ``dtype`` None means float32 on CPU, bfloat16 on GPU.
+
+    ``tensor_parallel_size``: vLLM's own TP; its workers are processes of their own (vLLM's
+    multiprocessing executor), one per device of ``devices`` (local GPU indices; exported as
+    ``CUDA_VISIBLE_DEVICES`` while the workers start, so two engines of one node never share a
+    GPU). On GPU, ``gpu_memory_utilization`` is the fraction of each device vLLM may take
+    (weights plus KV cache); on CPU the KV cache is ``kv_cache_memory_bytes``.
     Extra keyword arguments go to ``vllm.LLM``.
     """
 
@@ -99,6 +105,9 @@ class VLLMEngine(StagedWeightUpdates):
         multiprocessing: bool | None = None,
         seed: int = 0,
         enable_sleep_mode: bool = False,
+        tensor_parallel_size: int = 1,
+        devices: tuple[int, ...] | None = None,
+        gpu_memory_utilization: float | None = None,
         **llm_kwargs,
     ) -> None:
         if not vllm_available():
@@ -118,12 +127,38 @@ class VLLMEngine(StagedWeightUpdates):
             check_cpu_head_dim(self.model_dir)
         self._expected = checkpoint_shapes(model_dir)
         self._sleep_mode = enable_sleep_mode
-        self.llm = vllm.LLM(
+        if tensor_parallel_size > 1:
+            llm_kwargs.setdefault("distributed_executor_backend", "mp")
+        if on_gpu and gpu_memory_utilization is not None:
+            llm_kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        else:
+            llm_kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if on_gpu and devices is not None:
+            if len(devices) != tensor_parallel_size:
+                raise ValueError(f"{len(devices)} devices for tensor_parallel_size "
+                                 f"{tensor_parallel_size}")
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in devices)
+        try:
+            self.llm = self._build(vllm, model_dir, dtype or ("bfloat16" if on_gpu else "float32"),
+                                   enforce_eager, max_model_len, seed, enable_sleep_mode,
+                                   tensor_parallel_size, llm_kwargs)
+        finally:
+            if on_gpu and devices is not None:
+                if visible is None:
+                    os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+                else:
+                    os.environ["CUDA_VISIBLE_DEVICES"] = visible
+
+    @staticmethod
+    def _build(vllm, model_dir, dtype, enforce_eager, max_model_len, seed, enable_sleep_mode,
+               tensor_parallel_size, llm_kwargs):
+        return vllm.LLM(
             model=os.fspath(model_dir),
-            dtype=dtype or ("bfloat16" if on_gpu else "float32"),
+            dtype=dtype,
             enforce_eager=enforce_eager,
             max_model_len=max_model_len,
-            kv_cache_memory_bytes=kv_cache_memory_bytes,
+            tensor_parallel_size=tensor_parallel_size,
             seed=seed,
             # Log-probs of the distribution sampled from (temperature, top-p), like the embedded
             # engine; vLLM's default is the raw T=1 log-softmax.
@@ -135,7 +170,8 @@ class VLLMEngine(StagedWeightUpdates):
         )
 
     def generate(
-        self, prompt_token_ids: list[list[int]], sampling: SamplingConfig
+        self, prompt_token_ids: list[list[int]], sampling: SamplingConfig,
+        seeds: list[int] | None = None,
     ) -> list[list[Sample]]:
         from vllm import SamplingParams
 
@@ -143,6 +179,12 @@ class VLLMEngine(StagedWeightUpdates):
         # sampled tokens get discarded (chunked prefill: "CPU Generator does not use
         # offset"); on CPU, sampling follows the engine-wide seed only.
         seeded = sampling.seed is not None and torch.cuda.is_available()
+        per_prompt = seeds is not None and torch.cuda.is_available()
+
+        def seed_of(i: int) -> int | None:
+            if per_prompt:
+                return int(seeds[i])
+            return sampling.seed + i * sampling.n if seeded else None
 
         def params(i: int) -> SamplingParams:
             return SamplingParams(
@@ -151,7 +193,7 @@ class VLLMEngine(StagedWeightUpdates):
                 top_p=sampling.top_p,
                 max_tokens=sampling.max_tokens,
                 # One seed per prompt (vLLM gives a prompt's n children seed + k).
-                seed=sampling.seed + i * sampling.n if seeded else None,
+                seed=seed_of(i),
                 stop_token_ids=list(sampling.stop_token_ids),
                 ignore_eos=True,  # only the caller's stop_token_ids end a response
                 logprobs=0,  # the sampled token's log-prob only

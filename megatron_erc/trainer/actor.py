@@ -1,7 +1,8 @@
 """The actor: megatron model chunks + DDP + optimizer, driven through megatron's schedule.
 
-Micro-batches are dicts of ``[b, s]`` tensors: ``tokens`` (input ids), ``labels`` (next
-token ids), ``loss_mask`` (1 on tokens that enter the loss) plus whatever the loss needs.
+Micro-batches are ``batch.MicroBatch`` objects on the model's device: ``tokens`` (input ids),
+``labels`` (next token ids), ``loss_mask`` (1 on tokens that enter the loss) ``[b, s]`` plus
+whatever the loss needs.
 A loss callback receives this rank's vocabulary-sharded logits and returns
 ``(loss, metrics)``; vocabulary-parallel log-probs come from ``ops.logprobs_and_entropy``.
 """
@@ -16,9 +17,10 @@ from collections.abc import Callable, Sequence
 import torch
 
 from megatron_erc.models import ParallelConfig, build_model_chunks
-from megatron_erc.ops.vocab_parallel import logprobs_and_entropy
+from megatron_erc.ops.vocab_parallel import chunk_rows, logprobs_and_entropy
+from megatron_erc.trainer.batch import MicroBatch
 
-LossFn = Callable[[torch.Tensor, torch.Tensor, dict], tuple[torch.Tensor, dict]]
+LossFn = Callable[[torch.Tensor, "MicroBatch"], tuple[torch.Tensor, dict]]
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -77,7 +79,12 @@ class Actor:
         )
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
+        from megatron_erc.platform import detect
+
         self.hf_config, self.parallel = hf_config, parallel
+        # where micro-batches must live: this rank's GPU (set by init_process_group) or the CPU
+        self.device = torch.device("cpu") if detect().is_cpu else \
+            torch.device("cuda", torch.cuda.current_device())
         self.vocab_size = hf_config.vocab_size
         chunks = build_model_chunks(hf_config, parallel)
         self.config = chunks[0].config
@@ -100,19 +107,25 @@ class Actor:
             lr_decay_style=optim.decay_style, start_wd=optim.weight_decay,
             end_wd=optim.weight_decay, wd_incr_steps=1, wd_incr_style="constant")
         self.dp_size = ps.get_data_parallel_world_size()
+        self.dp_rank = ps.get_data_parallel_rank()
         self.dp_group = ps.get_data_parallel_group()
+        self.pp_group = ps.get_pipeline_model_parallel_group()
         self.tp_group = ps.get_tensor_model_parallel_group()
         self.tp_rank = ps.get_tensor_model_parallel_rank()
 
-    def logprobs(self, logits: torch.Tensor, labels: torch.Tensor, **kwargs):
+    def logprobs(self, logits: torch.Tensor, labels: torch.Tensor, *, chunk_mb: int = 64,
+                 **kwargs):
         """``(logp, entropy)`` ``[b, s]`` from this rank's ``[b, s, V/tp]`` logits; reduces
-        over the TP group only; padding ids of the vocabulary get zero probability."""
+        over the TP group only; padding ids of the vocabulary get zero probability. Tokens are
+        processed in chunks whose fp32 work buffers fit in ``chunk_mb`` MiB
+        (``algo.logprob_chunk_mb``)."""
         v_local = logits.shape[-1]
         return logprobs_and_entropy(logits, labels, tp_group=self.tp_group,
                                     vocab_start=self.tp_rank * v_local,
-                                    vocab_size=self.vocab_size, **kwargs)
+                                    vocab_size=self.vocab_size,
+                                    chunk_size=chunk_rows(chunk_mb, v_local), **kwargs)
 
-    def forward_backward(self, micro_batches: Sequence[dict], loss_fn: LossFn, *,
+    def forward_backward(self, micro_batches: Sequence[MicroBatch], loss_fn: LossFn, *,
                          forward_only: bool = False) -> list[dict]:
         """Run all micro-batches through megatron's pipeline schedule.
 
@@ -124,12 +137,12 @@ class Actor:
 
         if not micro_batches:
             return []
-        b, s = micro_batches[0]["tokens"].shape
-        positions = torch.arange(s).expand(b, s)
+        b, s = micro_batches[0].tokens.shape
+        positions = torch.arange(s, device=micro_batches[0].tokens.device).expand(b, s)
 
         def forward_step(data_iterator, chunk):
             batch = next(data_iterator)
-            out = chunk(batch["tokens"], positions[: batch["tokens"].shape[0]], None)
+            out = chunk(batch.tokens, positions[: batch.tokens.shape[0]], None)
             return out, functools.partial(_call_loss, loss_fn, batch,
                                           len(micro_batches) * self.dp_size)
 
@@ -188,7 +201,7 @@ class Actor:
         return True, norm
 
 
-def _call_loss(loss_fn: LossFn, batch: dict, undo_scale: int, output: torch.Tensor):
+def _call_loss(loss_fn: LossFn, batch: MicroBatch, undo_scale: int, output: torch.Tensor):
     loss, metrics = loss_fn(output, batch)
     # megatron divides the loss by the number of micro-batches and DDP averages gradients over
     # data-parallel ranks; our losses are already normalised by the global token count of the

@@ -62,7 +62,12 @@ class RolloutConfig:
     engine: Literal["auto", "vllm", "embedded"] = "auto"
     """``auto``: vLLM when importable, else the embedded transformers engine."""
     prompts_per_step: int = 16
-    """Prompt groups trained on per step (after dynamic sampling)."""
+    """Prompt groups trained on per step by the whole job (after dynamic sampling), whatever
+    the data-parallel size: each round draws this many prompts, shared over all engines."""
+    tp: int = 1
+    """Tensor-parallel size of each rollout engine, independent of the trainer's TP/PP: the
+    job runs world_size / tp engines, each spanning tp consecutive ranks (GPUs of one node).
+    > 1 needs the vLLM engine; the embedded engine runs one per rank."""
     n: int = 8
     """Responses per prompt (GRPO group size)."""
     max_gen_batches: int = 3
@@ -85,7 +90,10 @@ class RolloutConfig:
         if self.n < 2:
             raise ValueError(f"rollout.n must be >= 2: GRPO compares responses to the same "
                              f"prompt; got {self.n}")
-        for name in ("prompts_per_step", "max_gen_batches", "max_response_tokens",
+        if self.tp > 1 and self.engine == "embedded":
+            raise ValueError(f"rollout.tp={self.tp} needs rollout.engine=vllm: the embedded "
+                             "engine is not tensor-parallel (it runs one per rank)")
+        for name in ("prompts_per_step", "tp", "max_gen_batches", "max_response_tokens",
                      "weight_sync_bucket_mb", "vllm_kv_cache_mb"):
             if getattr(self, name) < 1:
                 raise ValueError(f"rollout.{name} must be >= 1, got {getattr(self, name)}")

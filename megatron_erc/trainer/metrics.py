@@ -3,6 +3,7 @@ resumed run continues the file) and TensorBoard events, written by global rank 0
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 import sys
@@ -93,3 +94,86 @@ def progress_line(m: dict, steps: int) -> str:
             f"reward {m.get('reward/mean', 0):+.3f}  erc_drop {m.get('erc/dropped_frac', 0):.1%}"
             f"  clip {clip:.2%}  grad_norm {m.get('grad_norm', 0):.2f}  "
             f"{m.get('time/step', 0):.1f}s{val}")
+
+
+class Reduce(enum.Enum):
+    """How a step metric combines over ranks (``reduce_metrics``)."""
+
+    TOKEN_SUM = "token_sum"
+    """Each rank holds its share of a global token-mean (divided by the global token count):
+    the job's value is the sum."""
+    MEAN = "mean"
+    """Mean of the ranks' values."""
+    MAX = "max"
+    """The largest value (times: the slowest rank sets the pace; flags)."""
+    QUANTILE = "quantile"
+    """A per-rank quantile: averaged over ranks that have one (an approximation)."""
+    SAME = "same"
+    """Already the job's value, identical on every rank (computed from the global batch, or
+    reduced by the optimizer): taken as is."""
+
+
+def _declared() -> dict[str, Reduce]:
+    from megatron_erc.algorithms import NON_ADDITIVE_METRICS, POLICY_LOSS_METRICS
+    from megatron_erc.rewards.pool import COUNT_NAMES
+
+    same = ["reward/mean", "accuracy", "response/len_mean", "response/len_max",
+            "response/clipped_frac", "dynamic_sampling/groups_kept", "dynamic_sampling/rounds",
+            "grad_norm", "lr", "val/accuracy", *COUNT_NAMES]
+    slowest = ["time/generate", "time/score", "time/forward", "time/update", "time/sync",
+               "time/step", "sync/seconds", "sync/bytes", "skipped_steps"]
+    return {**{k: Reduce.SAME for k in same}, **{k: Reduce.MAX for k in slowest},
+            **{k: Reduce.TOKEN_SUM for k in POLICY_LOSS_METRICS | {"loss"}},
+            **{k: Reduce.QUANTILE for k in NON_ADDITIVE_METRICS},
+            "tokens_per_s": Reduce.MEAN}
+
+
+REDUCTIONS: dict[str, Reduce] = {}
+"""Every step metric's reduction over ranks (filled on first use; see ``reduction``)."""
+
+
+def reduction(name: str) -> Reduce:
+    """The declared reduction of metric ``name``; an undeclared metric is a programming error
+    (a new metric must say how it combines over ranks)."""
+    if not REDUCTIONS:
+        REDUCTIONS.update(_declared())
+    try:
+        return REDUCTIONS[name]
+    except KeyError:
+        raise KeyError(f"metric {name!r} declares no reduction over ranks: add it to "
+                       "megatron_erc/trainer/metrics.py") from None
+
+
+def combine(name: str, values: list[float]) -> float:
+    """The job's value of metric ``name`` from every rank's value (``reduction(name)``)."""
+    how = reduction(name)
+    if how is Reduce.TOKEN_SUM:
+        return float(sum(values))
+    if how is Reduce.MAX:
+        return float(max(values))
+    if how is Reduce.SAME:
+        return float(values[0])
+    finite = [v for v in values if v == v]  # quantiles of ranks without tokens are NaN
+    return float(sum(finite) / len(finite)) if finite else float("nan")
+
+
+def reduce_metrics(m: dict, *, dp_group, pp_group, group=None) -> dict:
+    """Step metrics of the whole job. Loss metrics exist on the last pipeline stage only:
+    they are first copied to the other stages over ``pp_group``; then every metric is
+    combined over ``dp_group`` by its declared reduction (``group``: the object process
+    group for the gather, None: the default one is used when ``dp_group`` is)."""
+    import torch.distributed as dist
+
+    if dist.get_world_size(pp_group) > 1:
+        last = [m]
+        dist.broadcast_object_list(last, src=dist.get_global_rank(
+            pp_group, dist.get_world_size(pp_group) - 1), group=pp_group)
+        m = {**last[0], **m}
+    for k in m:
+        reduction(k)  # fail on an undeclared metric at any DP size
+    if dist.get_world_size(dp_group) == 1:
+        return dict(m)
+    gathered = [None] * dist.get_world_size(dp_group)
+    dist.all_gather_object(gathered, dict(m), group=dp_group)
+    keys = sorted({k for g in gathered for k in g})
+    return {k: combine(k, [g[k] for g in gathered if k in g]) for k in keys}

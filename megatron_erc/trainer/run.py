@@ -20,13 +20,18 @@ log = logging.getLogger(__name__)
 
 
 def setup_parallel(cfg: TrainConfig):
+    """Process group and megatron's parallel state, every collective under
+    ``parallel.distributed_timeout_min``."""
+    import datetime
+
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     from megatron_erc import platform
     from megatron_erc.platform.distributed import init_process_group
 
-    plat = init_process_group(platform.setup())
+    timeout = cfg.parallel.distributed_timeout_min
+    plat = init_process_group(platform.setup(), timeout=datetime.timedelta(minutes=timeout))
     if ps.model_parallel_is_initialized():  # e.g. sft then train in one process
         return plat
     world = dist.get_world_size()
@@ -35,8 +40,22 @@ def setup_parallel(cfg: TrainConfig):
         raise ValueError(f"world size {world} is not a multiple of parallel.tp * parallel.pp "
                          f"= {mp}; launch a multiple of {mp} ranks")
     platform.init_model_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp,
-                                 seed=cfg.run.seed)
+                                 seed=cfg.run.seed, distributed_timeout_minutes=timeout)
     return plat
+
+
+def object_group(cfg: TrainConfig):
+    """Group for gathering Python objects (generated tokens, rewards, metrics): a gloo side
+    group when the default one is NCCL (which moves device tensors only), else None (the
+    default group)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if dist.get_backend() != "nccl":
+        return None
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(
+        minutes=cfg.parallel.distributed_timeout_min))
 
 
 def build_actor(cfg: TrainConfig):
@@ -62,49 +81,75 @@ def build_actor(cfg: TrainConfig):
     return actor
 
 
-def build_engine(cfg: TrainConfig, actor):
-    """The rollout engine of this rank's data-parallel replica (None on its other ranks)."""
+def rank_slot(cfg: TrainConfig):
+    """This rank's rollout engine slot (``layout.engine_slot`` from torchrun's variables)."""
+    import os
+
     import torch.distributed as dist
-    from megatron.core import parallel_state as ps
+
+    from megatron_erc.trainer.layout import engine_slot
+
+    world = dist.get_world_size()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank() % local_world))
+    return engine_slot(dist.get_rank(), local_rank, world, local_world, cfg.rollout.tp)
+
+
+def build_engine(cfg: TrainConfig, actor, slot):
+    """This rank's rollout engine: every rank runs an embedded engine; with vLLM, each engine
+    leader starts one spanning its ``rollout.tp`` ranks' devices (None on the other ranks)."""
+    import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
     from megatron_erc.rollout import EmbeddedEngine, vllm_available
     from megatron_erc.trainer.steps import sync_engine
 
-    # The first pipeline stage's TP rank 0 generates for its data-parallel replica
-    # (collect_rollouts broadcasts from the model-parallel group's rank 0: this rank).
-    is_engine_rank = (ps.get_tensor_model_parallel_rank() == 0
-                      and ps.get_pipeline_model_parallel_rank() == 0)
     kind = cfg.rollout.engine
-    multi_rank = dist.get_world_size() > 1
     if kind == "auto":
         kind = "vllm" if vllm_available() else "embedded"
+    if kind == "embedded" and cfg.rollout.tp > 1:
+        raise ValueError(f"rollout.tp={cfg.rollout.tp} needs vLLM (not installed here: "
+                         "scripts/install_vllm.sh); the embedded engine runs one per rank")
     engine = None
-    if is_engine_rank:
-        if kind == "vllm":
-            from megatron_erc.rollout import VLLMEngine
+    if kind == "embedded":
+        engine = EmbeddedEngine(AutoModelForCausalLM.from_config(
+            actor.hf_config, dtype=getattr(torch, cfg.parallel.params_dtype)),
+            device=actor.device)
+    elif slot.is_leader:
+        from megatron_erc.rollout import VLLMEngine
 
-            engine = VLLMEngine(cfg.model.path, max_model_len=cfg.run.seq_len + 8,
-                                kv_cache_memory_bytes=cfg.rollout.vllm_kv_cache_mb << 20,
-                                dtype=cfg.parallel.params_dtype, seed=cfg.run.seed,
-                                # in this process, vLLM would set up torch.distributed itself
-                                # inside the trainer's world and wait for the other ranks:
-                                # multi-rank runs keep its engine core in a process of its own
-                                multiprocessing=True if multi_rank else None)
-        else:
-            engine = EmbeddedEngine(AutoModelForCausalLM.from_config(
-                actor.hf_config, dtype=getattr(torch, cfg.parallel.params_dtype)))
+        # The engine's workers are processes of their own, on exactly this engine's devices
+        # (vLLM's multiprocessing executor): in this process, vLLM would set up
+        # torch.distributed inside the trainer's world and wait for ranks that never join,
+        # and its TP workers need their own process group anyway.
+        multi = dist.get_world_size() > 1 or cfg.rollout.tp > 1
+        engine = VLLMEngine(cfg.model.path, max_model_len=cfg.run.seq_len + 8,
+                            kv_cache_memory_bytes=cfg.rollout.vllm_kv_cache_mb << 20,
+                            dtype=cfg.parallel.params_dtype, seed=cfg.run.seed,
+                            tensor_parallel_size=cfg.rollout.tp, devices=slot.devices,
+                            multiprocessing=True if multi else None)
     sync_engine(cfg, actor, engine)  # the engine starts from the actor's exact weights
     return engine, kind
 
 
+def build_generator(cfg: TrainConfig, actor, tokenizer, group):
+    """Engine, grader and slot of this rank (``rollouts.Generator``)."""
+    from megatron_erc.rewards import RewardGrader
+    from megatron_erc.trainer.rollouts import Generator
+
+    slot = rank_slot(cfg)
+    engine, kind = build_engine(cfg, actor, slot)
+    grader = RewardGrader(cfg.rollout.reward_fn, timeout_s=cfg.rollout.reward_timeout_s,
+                          num_workers=1) if slot.is_leader else None
+    return Generator(slot=slot, engine=engine if slot.is_leader else None, grader=grader,
+                     decode=tokenizer.decode, group=group), kind
+
+
 def run_train(cfg: TrainConfig, validate_first: bool = False) -> list[dict]:
     import torch.distributed as dist
-    from megatron.core import parallel_state as ps
 
     from megatron_erc.data.prompts import PromptDataset
     from megatron_erc.data.tokenizers import load_tokenizer
-    from megatron_erc.rewards import RewardGrader
     from megatron_erc.trainer import checkpoint as ckpt
     from megatron_erc.trainer.rl import RunContext, train
     from megatron_erc.trainer.steps import sync_engine
@@ -112,6 +157,7 @@ def run_train(cfg: TrainConfig, validate_first: bool = False) -> list[dict]:
     if cfg.data is None:
         raise ValueError("data.path is required: a JSONL or Parquet prompt file")
     setup_parallel(cfg)
+    group = object_group(cfg)
     rank0 = dist.get_rank() == 0
     run_dir = Path(cfg.run.dir)
     if rank0:
@@ -121,26 +167,26 @@ def run_train(cfg: TrainConfig, validate_first: bool = False) -> list[dict]:
     data = PromptDataset(cfg.data, tokenizer)
     prompts = [(s.prompt_ids, s.record.answer) for s in data.samples]
     actor = build_actor(cfg)
-    rng = random.Random(cfg.run.seed * 1000 + ps.get_data_parallel_rank())
+    # One sampler for the whole job: every rank draws the same prompts and seeds.
+    rng = random.Random(cfg.run.seed * 1000)
     # The engine is built first: its construction draws random numbers, and a resumed run
     # must continue from exactly the RNG state the checkpoint saved.
-    engine, kind = build_engine(cfg, actor)
+    generator, kind = build_generator(cfg, actor, tokenizer, group)
     start_step = 0
     resumed = ckpt.load_checkpoint(cfg.checkpoint.resume, run_dir / "checkpoints", actor) \
         if cfg.checkpoint.resume else None
     if resumed is not None:
         start_step, extra = resumed
         rng.setstate(_tuple_state(extra["rng"]))
-        sync_engine(cfg, actor, engine)
+        sync_engine(cfg, actor, generator.engine)
         if rank0:
             print(f"[train] resumed from step {start_step}", flush=True)
-    grader = RewardGrader(cfg.rollout.reward_fn, timeout_s=cfg.rollout.reward_timeout_s,
-                          num_workers=1) if engine is not None else None
-    validate = _validator(cfg, tokenizer, engine, grader) if rank0 and engine else None
+    validate = _validator(cfg, tokenizer, generator)
     writer = MetricsWriter(run_dir, enabled=rank0)
     progress = Progress(cfg.run.steps, start_step, enabled=rank0)
     stop = {"flag": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
+    for sig in (signal.SIGTERM, signal.SIGUSR1):  # Slurm: USR1 before the limit, TERM at it
+        signal.signal(sig, lambda *_: stop.update(flag=True))
 
     def save(step: int) -> None:
         ckpt.save_checkpoint(run_dir / "checkpoints", step, actor,
@@ -151,16 +197,18 @@ def run_train(cfg: TrainConfig, validate_first: bool = False) -> list[dict]:
         progress(m)
 
     def should_stop() -> bool:
-        flag = torch.tensor(float(stop["flag"]))
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
+        flag = torch.tensor(float(stop["flag"]), device=actor.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same point
         return bool(flag.item())
 
-    ctx = RunContext(actor=actor, engine=engine, grader=grader, tokenizer=tokenizer,
-                     prompts=prompts, validate=validate, log=log_metrics, should_stop=should_stop,
-                     save=save, rng=rng, start_step=start_step)
+    ctx = RunContext(actor=actor, generator=generator, prompts=prompts,
+                     pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, rng=rng,
+                     validate=validate, log=log_metrics, should_stop=should_stop, save=save,
+                     start_step=start_step)
     if rank0:
         print(f"[train] {len(prompts)} prompts, engine={kind}, world={dist.get_world_size()}, "
-              f"tp={cfg.parallel.tp}, run dir {run_dir.resolve()}", flush=True)
+              f"tp={cfg.parallel.tp}, {generator.slot.num_engines} rollout engines "
+              f"(rollout.tp={cfg.rollout.tp}), run dir {run_dir.resolve()}", flush=True)
     try:
         history = []
         if validate_first and validate is not None and start_step == 0:
@@ -173,11 +221,15 @@ def run_train(cfg: TrainConfig, validate_first: bool = False) -> list[dict]:
     finally:
         progress.close()
         writer.close()
-        if grader is not None:
-            grader.close()
-        if engine is not None:
-            engine.close()
+        _close(generator)
     return history
+
+
+def _close(generator) -> None:
+    if generator.grader is not None:
+        generator.grader.close()
+    if generator.engine is not None:
+        generator.engine.close()
 
 
 def _tuple_state(state):
@@ -185,9 +237,11 @@ def _tuple_state(state):
     return tuple(tuple(s) if isinstance(s, list) else s for s in state)
 
 
-def _validator(cfg: TrainConfig, tokenizer, engine, grader):
+def _validator(cfg: TrainConfig, tokenizer, generator):
+    """Validation accuracy, sharded over every engine of the job (collective)."""
     from megatron_erc.data.prompts import PromptDataConfig, PromptDataset
     from megatron_erc.rollout import SamplingConfig
+    from megatron_erc.trainer.rollouts import validation_accuracy
 
     v = cfg.validation
     if v.path is None:
@@ -197,35 +251,26 @@ def _validator(cfg: TrainConfig, tokenizer, engine, grader):
         template=cfg.data.template, system_prompt=cfg.data.system_prompt,
         max_prompt_tokens=cfg.data.max_prompt_tokens), tokenizer)
     samples = data.samples[: v.max_prompts] if v.max_prompts else data.samples
+    prompts = [(s.prompt_ids, s.record.answer) for s in samples]
     sampling = SamplingConfig(n=v.samples_per_prompt, temperature=v.temperature,
                               top_p=v.top_p if v.temperature > 0 else 1.0,
                               max_tokens=cfg.rollout.max_response_tokens, seed=cfg.run.seed,
                               stop_token_ids=(tokenizer.eos_token_id,))
-
-    def validate() -> float:
-        groups = engine.generate([s.prompt_ids for s in samples], sampling)
-        flat = [x for g in groups for x in g]
-        res = grader.grade([tokenizer.decode(x.token_ids) for x in flat],
-                           [s.record.answer for s in samples for _ in range(v.samples_per_prompt)])
-        return sum(res.rewards) / len(flat)
-
-    return validate
+    return lambda: validation_accuracy(generator, prompts, sampling)
 
 
 def run_eval(cfg: TrainConfig) -> float:
-    """Validation accuracy of ``model.path`` on ``validation.path`` (no training)."""
+    """Validation accuracy of ``model.path`` on ``validation.path`` (no training); every rank
+    generates its share."""
     from megatron_erc.data.tokenizers import load_tokenizer
-    from megatron_erc.rewards import RewardGrader
 
     if cfg.validation.path is None or cfg.data is None:
         raise ValueError("eval needs validation.path (prompts to score) and data (its fields)")
     setup_parallel(cfg)
     actor = build_actor(cfg)
-    engine, _ = build_engine(cfg, actor)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
-    with RewardGrader(cfg.rollout.reward_fn, timeout_s=cfg.rollout.reward_timeout_s,
-                      num_workers=1) as grader:
-        try:
-            return _validator(cfg, tokenizer, engine, grader)()
-        finally:
-            engine.close()
+    generator, _ = build_generator(cfg, actor, tokenizer, object_group(cfg))
+    try:
+        return _validator(cfg, tokenizer, generator)()
+    finally:
+        _close(generator)

@@ -15,12 +15,14 @@ import torch
 from megatron_erc.data.prompts import PromptDataConfig
 from megatron_erc.models import ParallelConfig
 from megatron_erc.trainer.actor import Actor, OptimConfig
-from megatron_erc.trainer.batch import global_token_count
+from megatron_erc.trainer.batch import MicroBatch, global_token_count
 from megatron_erc.trainer.config import ModelConfig, RunConfig
 
 
-def pack_sft_batch(tokenizer, prompts: list[str], completions: list[str], seq_len: int) -> dict:
-    """``tokens``, ``labels``, ``loss_mask`` ``[b, seq_len]`` for prompt/completion pairs.
+def pack_sft_batch(tokenizer, prompts: list[str], completions: list[str], seq_len: int,
+                   device: torch.device | str = "cpu") -> MicroBatch:
+    """``tokens``, ``labels``, ``loss_mask`` ``[b, seq_len]`` for prompt/completion pairs, on
+    ``device``.
 
     Raises if a pair does not fit in ``seq_len`` (say which, so the caller can raise it).
     """
@@ -37,17 +39,17 @@ def pack_sft_batch(tokenizer, prompts: list[str], completions: list[str], seq_le
                              "raise seq_len")
         tokens[i, : len(ids)] = torch.tensor(ids)
         mask[i, len(p_ids): len(ids)] = 1.0
-    return {"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(),
-            "loss_mask": mask[:, 1:].contiguous()}
+    return MicroBatch(tokens=tokens[:, :-1].contiguous(), labels=tokens[:, 1:].contiguous(),
+                      loss_mask=mask[:, 1:].contiguous()).to(device)
 
 
-def sft_step(actor: Actor, micro_batches: list[dict]) -> dict:
+def sft_step(actor: Actor, micro_batches: list[MicroBatch], chunk_mb: int = 64) -> dict:
     """One optimizer step of token-mean NLL over ``micro_batches`` (this DP rank's share)."""
     num_tokens = global_token_count(micro_batches, dp_group=actor.dp_group)
 
     def loss_fn(logits, batch):
-        logp, _ = actor.logprobs(logits, batch["labels"])
-        mask = batch["loss_mask"]
+        logp, _ = actor.logprobs(logits, batch.labels, chunk_mb=chunk_mb)
+        mask = batch.loss_mask
         loss = -(logp * mask).sum() / num_tokens
         return loss, {"sft/loss": loss.detach().clone()}
 
@@ -79,10 +81,14 @@ class SFTConfig:
     """Sequences per optimizer step (across data-parallel ranks)."""
     output_dir: str | None = None
     """Where the fine-tuned HF directory is written; default RUN_DIR/hf."""
+    logprob_chunk_mb: int = 64
+    """Memory budget (MiB) of the log-prob op's work buffers (as ``algo.logprob_chunk_mb``)."""
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.logprob_chunk_mb < 1:
+            raise ValueError(f"logprob_chunk_mb must be >= 1 (MiB), got {self.logprob_chunk_mb}")
 
 
 def run_sft(cfg: SFTConfig, actor=None, log=print) -> tuple[Path, float]:
@@ -113,8 +119,8 @@ def run_sft(cfg: SFTConfig, actor=None, log=print) -> tuple[Path, float]:
     for step in range(1, cfg.run.steps + 1):
         batch = rng.sample(examples, min(cfg.batch_size, len(examples)))[dp_rank::dp]
         packed = pack_sft_batch(tokenizer, [p for p, _ in batch], [c for _, c in batch],
-                                cfg.run.seq_len)
-        m = sft_step(actor, split(packed, cfg.run.micro_batch_size))
+                                cfg.run.seq_len, actor.device)
+        m = sft_step(actor, split(packed, cfg.run.micro_batch_size), cfg.logprob_chunk_mb)
         loss = m["sft/loss"]
         writer.log({"sft_step": step, **m}, step_key="sft_step")
         if step % 50 == 0 or step == cfg.run.steps:
@@ -126,7 +132,8 @@ def run_sft(cfg: SFTConfig, actor=None, log=print) -> tuple[Path, float]:
 
 
 def export_hf(actor, out: Path, model_cfg) -> None:
-    """Write the actor as an HF directory (TP shards gathered; rank 0 writes; PP=1)."""
+    """Write the actor as an HF directory (TP shards gathered, every pipeline stage's layers
+    brought to rank 0, which writes; collective)."""
     import json
     import os
     import shutil
@@ -139,7 +146,9 @@ def export_hf(actor, out: Path, model_cfg) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         writer = SafetensorsWriter(tmp, 2 << 30)
-    for name, tensor in actor.hf_weights():
+    from megatron_erc.trainer.steps import engine_weights
+
+    for name, tensor in engine_weights(actor):
         if rank0:
             writer.add(name, tensor)
     if rank0:

@@ -1,101 +1,55 @@
-"""The stages of one RL step, called by ``rl.train`` in order.
+"""The training stages of one RL step, called by ``rl.train`` in order.
 
-``collect_rollouts``: generate n responses per prompt, grade, shape, filter (DAPO dynamic
-sampling), GRPO advantages, pack. ``score_old_logprobs``: one no-grad pass through the
-pipeline schedule for ``old_logp`` / ``old_entropy`` ``[b, s]``. ``update``: one
-mini-batch of policy-loss forward/backward and an optimizer step.
+``micro_batches_for_rank``: this data-parallel rank's share of the global batch, as
+micro-batches per mini-batch. ``score_old_logprobs``: one no-grad pass through the pipeline
+schedule for ``old_logp`` / ``old_entropy`` ``[b, s]``. ``update``: one mini-batch of
+policy-loss forward/backward and an optimizer step. ``sync_engine``: weights -> engine.
 """
 
 from __future__ import annotations
 
-import logging
-import time
-
 import torch
-import torch.distributed as dist
 
 from megatron_erc.algorithms import (
     NON_ADDITIVE_METRICS,
-    apply_overlong_shaping,
-    dynamic_sampling_filter,
-    grpo_advantages,
     policy_loss,
     positive_nll,
     positive_token_mask,
 )
-from megatron_erc.trainer.batch import global_token_count, pack_rollouts
-
-log = logging.getLogger(__name__)
-
-# policy_loss metrics (and the loss) are divided by the global token count: they add up
-# over micro-batches and data-parallel ranks (except NON_ADDITIVE_METRICS, the quantiles).
-LOSS_METRICS_PREFIXES = ("loss", "clip", "erc", "kl", "tis", "mismatch", "entropy")
-
-
-def collect_rollouts(cfg, ctx, sampling, t: dict):
-    """This data-parallel replica's training batch, generated on its engine rank and
-    broadcast to the replica's other (TP/PP) ranks. Returns ``(batch or None, metrics)``."""
-    from megatron.core import parallel_state as ps
-
-    out = [None, {}]
-    if ctx.engine is not None:
-        out = list(_generate_batch(cfg, ctx, sampling, t))
-    group = ps.get_model_parallel_group()
-    if dist.get_world_size(group) > 1:
-        src = dist.get_global_rank(group, 0)
-        dist.broadcast_object_list(out, src=src, group=group)
-    return out[0], out[1]
+from megatron_erc.trainer.batch import (
+    MicroBatch,
+    Sequence,
+    global_token_count,
+    model_width,
+    pack,
+    plan_minibatches,
+)
 
 
-def _generate_batch(cfg, ctx, sampling, t: dict):
-    """Up to ``prompts_per_step`` groups with non-equal rewards, packed for training;
-    ``None`` when no group survived any round."""
-    r, tokenizer, n = cfg.rollout, ctx.tokenizer, cfg.rollout.n
-    kept, metrics, gen_s, rounds = [], {}, 0.0, 0
-    while len(kept) < r.prompts_per_step and rounds < r.max_gen_batches:
-        chosen = ctx.rng.sample(ctx.prompts, min(r.prompts_per_step, len(ctx.prompts)))
-        t0 = time.perf_counter()
-        groups = ctx.engine.generate([p for p, _ in chosen], sampling)
-        gen_s += time.perf_counter() - t0
-        flat = [s for g in groups for s in g]
-        result = ctx.grader.grade([tokenizer.decode(s.token_ids) for s in flat],
-                                  [a for _, a in chosen for _ in range(n)])
-        raw = torch.tensor(result.rewards, dtype=torch.float32)
-        lengths = torch.tensor([len(s.token_ids) for s in flat], dtype=torch.float32)
-        shaped = apply_overlong_shaping(raw, lengths, cfg.overlong) if cfg.overlong else raw
-        gids = torch.arange(len(chosen)).repeat_interleave(n)
-        filt = dynamic_sampling_filter(shaped, gids)
-        if rounds == 0:  # first round: unbiased statistics of the current policy
-            metrics.update({
-                "reward/mean": float(shaped.mean()),
-                "accuracy": float((raw == 1).float().mean()),
-                "response/len_mean": float(lengths.mean()),
-                "response/len_max": float(lengths.max()),
-                "response/clipped_frac": float(
-                    sum(s.finish_reason == "length" for s in flat) / len(flat)),
-                **{k: float(v) for k, v in result.counts.items()}})
-        for g in filt.kept_group_ids.tolist():
-            kept.append((chosen[g][0], groups[g], shaped[g * n:(g + 1) * n]))
-        rounds += 1
-    t["generate_s"] = gen_s
-    if len(kept) < r.prompts_per_step:
-        log.warning("dynamic sampling: only %d of %d groups have non-equal rewards after %d "
-                    "rounds; training on what there is", len(kept), r.prompts_per_step, rounds)
-    kept = kept[: r.prompts_per_step]  # the last round may overshoot
-    metrics.update({"dynamic_sampling/groups_kept": len(kept), "dynamic_sampling/rounds": rounds})
-    if not kept:
-        return None, metrics
-    rewards = torch.cat([r for _, _, r in kept])
-    gids = torch.arange(len(kept)).repeat_interleave(n)
-    batch = pack_rollouts(
-        [p for p, g, _ in kept for _ in g], [s.token_ids for _, g, _ in kept for s in g],
-        [s.logprobs for _, g, _ in kept for s in g], grpo_advantages(rewards, gids), rewards,
-        tokenizer.pad_token_id, cfg.run.seq_len)
-    return batch, metrics
+def micro_batches_for_rank(groups: list[list[Sequence]], *, updates: int, dp_size: int,
+                           dp_rank: int, micro_batch_size: int, seq_len: int, pad_id: int,
+                           device) -> list[list[MicroBatch]]:
+    """``[mini][micro]`` micro-batches of ``dp_rank`` for the global ``groups``.
+
+    Every DP rank gets the same number of mini-batches and, per mini-batch, the same number of
+    micro-batches (the most any rank needs); missing rows and micro-batches are zero-weight
+    filler. All micro-batches of a rank share one ``[micro_batch_size, S]`` shape (pipeline
+    stages exchange activations of a fixed shape), ``S`` from its longest sequence.
+    """
+    plan = plan_minibatches([sum(len(s) for s in g) for g in groups], updates, dp_size)
+    mine = [[s for g in mini[dp_rank] for s in groups[g]] for mini in plan]
+    width = model_width(max((len(s) for seqs in mine for s in seqs), default=2), seq_len)
+    out = []
+    for m, seqs in enumerate(mine):
+        count = max(-(-sum(len(groups[g]) for g in ids) // micro_batch_size)
+                    for ids in plan[m])
+        out.append([pack(seqs[i * micro_batch_size:(i + 1) * micro_batch_size],
+                         micro_batch_size, width, pad_id, device) for i in range(max(count, 1))])
+    return out
 
 
-def score_old_logprobs(actor, micro_batches: list[dict]) -> None:
-    """Adds ``old_logp`` and ``old_entropy`` ``[b, s]`` to each micro-batch (last PP stage).
+def score_old_logprobs(actor, micro_batches: list[MicroBatch], chunk_mb: int = 64) -> None:
+    """Sets ``old_logp`` and ``old_entropy`` ``[b, s]`` of each micro-batch (last PP stage).
 
     ``rl.train`` calls it for the off-policy mini-batches only: a micro-batch without
     ``old_logp`` gets the detached log-probs of its own update forward (``policy_loss_fn``),
@@ -103,39 +57,39 @@ def score_old_logprobs(actor, micro_batches: list[dict]) -> None:
     """
 
     def loss_fn(logits, mb):
-        logp, ent = actor.logprobs(logits.detach(), mb["labels"], chunk_size=4096)
-        mb["old_logp"], mb["old_entropy"] = logp, ent
-        return logp.new_zeros(()), {}
+        mb.old_logp, mb.old_entropy = actor.logprobs(logits.detach(), mb.labels,
+                                                     chunk_mb=chunk_mb)
+        return mb.old_logp.new_zeros(()), {}
 
     actor.forward_backward(micro_batches, loss_fn, forward_only=True)
 
 
-def policy_loss_fn(cfg, actor, mini: list[dict]):
+def policy_loss_fn(cfg, actor, mini: list[MicroBatch]):
     """The per-micro-batch loss of one mini-batch: token-mean over its global response
     tokens (all micro-batches, all DP ranks), so neither the split nor DP changes it."""
     dp = actor.dp_group
     num_tokens = global_token_count(mini, dp_group=dp)
-    for mb in mini:
-        mb["positive_mask"] = positive_token_mask(mb["loss_mask"], mb["rewards"])
-    pos_tokens = global_token_count(mini, "positive_mask", dp_group=dp)
+    positive = {id(mb): positive_token_mask(mb.loss_mask, mb.rewards) for mb in mini}
+    pos_tokens = global_token_count(mini, lambda mb: positive[id(mb)], dp_group=dp)
+    algo = cfg.algo
 
     def loss_fn(logits, mb):
-        logp, ent = actor.logprobs(logits, mb["labels"])
-        if "old_logp" not in mb:  # first mini-batch: no update yet, so the current policy is
-            mb["old_logp"], mb["old_entropy"] = logp.detach(), ent.detach()  # the old one
+        logp, ent = actor.logprobs(logits, mb.labels, chunk_mb=algo.logprob_chunk_mb)
+        if mb.old_logp is None:  # first mini-batch: no update yet, so the current policy is
+            mb.old_logp, mb.old_entropy = logp.detach(), ent.detach()  # the old one
         loss, m = policy_loss(
-            logp, mb["old_logp"], mb["advantages"], mb["loss_mask"], cfg=cfg.algo,
-            entropy=ent, old_entropy=mb["old_entropy"],
-            rollout_logp=mb["rollout_logp"] if cfg.algo.tis_cap else None, num_tokens=num_tokens)
-        if cfg.algo.pos_nll_coef:
-            loss = loss + cfg.algo.pos_nll_coef * positive_nll(
-                logp, mb["loss_mask"], mb["rewards"], num_tokens=pos_tokens)
+            logp, mb.old_logp, mb.advantages, mb.loss_mask, cfg=algo, entropy=ent,
+            old_entropy=mb.old_entropy, rollout_logp=mb.rollout_logp if algo.tis_cap else None,
+            num_tokens=num_tokens)
+        if algo.pos_nll_coef:
+            loss = loss + algo.pos_nll_coef * positive_nll(
+                logp, mb.loss_mask, mb.rewards, num_tokens=pos_tokens)
         return loss, {**m, "loss": loss.detach()}
 
     return loss_fn
 
 
-def update(cfg, actor, mini: list[dict]) -> dict:
+def update(cfg, actor, mini: list[MicroBatch]) -> dict:
     """One optimizer step on a mini-batch."""
     loss_fn = policy_loss_fn(cfg, actor, mini)
     per_micro = actor.forward_backward(mini, loss_fn)
@@ -145,26 +99,29 @@ def update(cfg, actor, mini: list[dict]) -> dict:
         vals = torch.stack([torch.as_tensor(m[key], dtype=torch.float64) for m in per_micro])
         # Additive metrics are already divided by the global token count: their sum over
         # micro-batches (and, in reduce_metrics, over DP ranks) is the mini-batch value.
-        out[key] = float(vals.mean() if key in NON_ADDITIVE_METRICS else vals.sum())
+        # Quantiles of filler micro-batches (no tokens) are NaN.
+        out[key] = float(vals.nanmean() if key in NON_ADDITIVE_METRICS else vals.sum())
     return out
 
 
 def engine_weights(actor):
-    """The whole model as HF ``(name, tensor)`` pairs on the engine's rank (TP rank 0 of the
-    first pipeline stage). Every rank must exhaust the iterator: TP ranks gather their shards
-    in lockstep, later pipeline stages send their layers to the first stage."""
+    """The whole model as HF ``(name, tensor)`` pairs on every rank. Every rank must exhaust
+    the iterator: TP ranks gather their shards in lockstep, each pipeline stage broadcasts
+    its layers to the other stages."""
     from megatron.core import parallel_state as ps
 
-    from megatron_erc.models.pipeline_weights import stream_pipeline_weights
+    from megatron_erc.models.pipeline_weights import all_stage_weights
 
     weights = actor.hf_weights()
-    if actor.parallel.pp > 1 and actor.tp_rank == 0:
-        weights = stream_pipeline_weights(weights, ps.get_pipeline_model_parallel_group())
+    if actor.parallel.pp > 1:
+        weights = all_stage_weights(weights, ps.get_pipeline_model_parallel_group())
     return weights
 
 
 def sync_engine(cfg, actor, engine) -> dict:
-    """Stream the updated weights into the engine in buckets (see ``engine_weights``)."""
+    """Stream the updated weights into this rank's engine in buckets (every rank calls it;
+    ranks without an engine, the non-leader ranks of a tensor-parallel engine, only take part
+    in the gathers)."""
     from megatron_erc.rollout import sync_weights
 
     weights = engine_weights(actor)
@@ -174,30 +131,3 @@ def sync_engine(cfg, actor, engine) -> dict:
         return {}
     stats = sync_weights(engine, weights, cfg.rollout.weight_sync_bucket_mb << 20)
     return {"sync/bytes": float(stats.bytes), "sync/seconds": stats.seconds}
-
-
-def reduce_metrics(m: dict, actor) -> dict:
-    """Step metrics for the whole job: loss metrics (already per global token) summed over
-    data-parallel ranks, the rest averaged. Only ranks of the last pipeline stage compute
-    loss metrics; they are first copied to the other stages over the pipeline group."""
-    from megatron.core import parallel_state as ps
-
-    pp_group = ps.get_pipeline_model_parallel_group()
-    if dist.get_world_size(pp_group) > 1:  # loss metrics: from the last stage to the others
-        last = [m]
-        dist.broadcast_object_list(last, src=dist.get_global_rank(
-            pp_group, dist.get_world_size(pp_group) - 1), group=pp_group)
-        m = {**last[0], **m}
-    group = ps.get_data_parallel_group()
-    if dist.get_world_size(group) == 1:
-        return m
-    keys = sorted(m)
-    gathered = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, {k: m[k] for k in keys}, group=group)
-    out = {}
-    for k in {k for g in gathered for k in g}:
-        vals = [g[k] for g in gathered if k in g]
-        additive = k in LOSS_METRICS_PREFIXES or k.split("/")[0] in LOSS_METRICS_PREFIXES
-        additive = additive and k not in NON_ADDITIVE_METRICS
-        out[k] = sum(vals) if additive else sum(vals) / len(vals)
-    return out

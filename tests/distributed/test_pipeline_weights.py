@@ -1,6 +1,6 @@
-"""The rollout engine on the first pipeline stage receives the whole model: at PP=2 and
-TP2 x PP2, ``engine_weights`` on the engine's rank yields exactly the HF tensors that an
-independent all-gather of every stage's weights gives, each once."""
+"""Every rank (each hosts or drives a rollout engine) receives the whole model: at PP=2 and
+TP2 x PP2, ``engine_weights`` yields on every rank exactly the HF tensors that an independent
+all-gather of every stage's weights gives, each once."""
 
 from __future__ import annotations
 
@@ -36,22 +36,17 @@ def stream(rank: int, world: int, tp: int, pp: int):
     mine = {n: t.clone() for n, t in actor.hf_weights()}
     stages = [None] * pp
     dist.all_gather_object(stages, mine, group=ps.get_pipeline_model_parallel_group())
-    engine_rank = ps.get_tensor_model_parallel_rank() == 0 and \
-        ps.get_pipeline_model_parallel_rank() == 0
-    return {"engine_rank": engine_rank, "got": got,
-            "want": {n: t for s in stages for n, t in s.items()}}
+    return {"got": got, "want": {n: t for s in stages for n, t in s.items()}}
 
 
 @pytest.mark.parametrize("tp,pp", [(1, 2), (2, 2)])
-def test_engine_rank_receives_every_stage_exactly(tp, pp):
+def test_every_rank_receives_every_stage_exactly(tp, pp):
     results = run_distributed(stream, tp * pp, tp, pp)
-    (engine,) = [r for r in results if r["engine_rank"]]
-    names = [n for n, _ in engine["got"]]
-    assert len(names) == len(set(names)), "a tensor arrived twice"
-    assert set(names) == set(engine["want"]), set(names) ^ set(engine["want"])
-    assert any(".layers.3." in n for n in names) and "lm_head.weight" in names  # last stage
-    for name, tensor in engine["got"]:
-        assert torch.equal(tensor, engine["want"][name]), name
-    for r in results:  # later stages send and keep nothing; other TP ranks keep their stage
-        if not r["engine_rank"]:
-            assert {n for n, _ in r["got"]} < set(engine["want"])
+    for r in results:
+        names = [n for n, _ in r["got"]]
+        assert len(names) == len(set(names)), "a tensor arrived twice"
+        assert set(names) == set(r["want"]), set(names) ^ set(r["want"])
+        assert any(".layers.3." in n for n in names) and "lm_head.weight" in names  # last stage
+        assert any(".layers.0." in n for n in names)  # first stage
+        for name, tensor in r["got"]:
+            assert torch.equal(tensor, r["want"][name]), name

@@ -8,6 +8,8 @@ import pathlib
 
 import torch
 
+from megatron_erc.trainer.batch import MicroBatch
+
 TINY = json.loads((pathlib.Path(__file__).parents[2] / "examples/tiny/config.json").read_text())
 N_SEQ, SEQ = 16, 24
 
@@ -33,7 +35,7 @@ def _setup(tp: int = 1, **optim):
     return actor, cfg
 
 
-def _batch(vocab: int) -> dict:
+def _batch(vocab: int) -> MicroBatch:
     """A fixed rollout batch: random tokens, ragged response masks, advantages, rewards, and
     stale old log-probs/entropies so clipping and ERC both act."""
     g = torch.Generator().manual_seed(1)
@@ -44,12 +46,13 @@ def _batch(vocab: int) -> dict:
         end = int(torch.randint(start + 2, SEQ + 1, (1,), generator=g))
         mask[i, start:end] = 1
     rewards = (torch.arange(N_SEQ) % 3 == 0).float()
-    return {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": mask,
-            "advantages": torch.randn(N_SEQ, generator=g), "rewards": rewards,
-            "rollout_logp": torch.zeros(N_SEQ, SEQ),
-            # how far the policy moved since the rollout (stale old values, per token)
-            "noise_logp": 0.3 * torch.randn(N_SEQ, SEQ, generator=g),
-            "noise_entropy": 0.1 * torch.randn(N_SEQ, SEQ, generator=g)}
+    # how far the policy moved since the rollout (stale old values, per token), carried in
+    # the old_* fields until the test applies them
+    return MicroBatch(tokens=tokens[:, :-1], labels=tokens[:, 1:], loss_mask=mask,
+                      advantages=torch.randn(N_SEQ, generator=g), rewards=rewards,
+                      rollout_logp=torch.zeros(N_SEQ, SEQ),
+                      old_logp=0.3 * torch.randn(N_SEQ, SEQ, generator=g),
+                      old_entropy=0.1 * torch.randn(N_SEQ, SEQ, generator=g))
 
 
 def grads_for_split(rank: int, world: int, micro_batch_size: int):
@@ -61,12 +64,13 @@ def grads_for_split(rank: int, world: int, micro_batch_size: int):
     actor, cfg = _setup()
     batch = _batch(actor.vocab_size)
     per = N_SEQ // world
-    mine = {k: v[rank * per:(rank + 1) * per] for k, v in batch.items()}
+    mine = batch.rows(slice(rank * per, (rank + 1) * per))
     micro = split(mine, micro_batch_size)
+    noise = [(mb.old_logp, mb.old_entropy) for mb in micro]
     score_old_logprobs(actor, micro)
-    for mb in micro:  # pretend the policy moved since the rollout: stale old values
-        mb["old_logp"] = mb["old_logp"] + mb["noise_logp"]
-        mb["old_entropy"] = mb["old_entropy"] * (1 + mb["noise_entropy"])
+    for mb, (logp, ent) in zip(micro, noise, strict=True):  # pretend the policy moved since
+        mb.old_logp = mb.old_logp + logp                     # the rollout: stale old values
+        mb.old_entropy = mb.old_entropy * (1 + ent)
     metrics = actor.forward_backward(micro, policy_loss_fn(cfg, actor, micro))
     loss = torch.tensor(sum(float(m["loss"]) for m in metrics), dtype=torch.float64)
     dropped = sum(float(m["erc/dropped_frac"]) for m in metrics)
@@ -84,16 +88,16 @@ def nonfinite_step_is_skipped(rank: int, world: int):
     before = {n: p.detach().clone() for n, p in actor.model[0].module.named_parameters()}
 
     def nan_loss(logits, mb):
-        logp, _ = actor.logprobs(logits, mb["labels"])
-        return (logp * mb["loss_mask"]).sum() * float("nan"), {}
+        logp, _ = actor.logprobs(logits, mb.labels)
+        return (logp * mb.loss_mask).sum() * float("nan"), {}
 
     actor.forward_backward(split(batch, 8), nan_loss)
     applied, norm = actor.step()
     unchanged = all(torch.equal(before[n], p) for n, p in actor.model[0].module.named_parameters())
 
     def good_loss(logits, mb):
-        logp, _ = actor.logprobs(logits, mb["labels"])
-        return -(logp * mb["loss_mask"]).sum() / 100, {}
+        logp, _ = actor.logprobs(logits, mb.labels)
+        return -(logp * mb.loss_mask).sum() / 100, {}
 
     actor.forward_backward(split(batch, 8), good_loss)
     applied2, norm2 = actor.step()
@@ -112,8 +116,8 @@ def grads_after_a_step_are_not_double_counted(rank: int, world: int):
     batch = _batch(actor.vocab_size)
 
     def loss_fn(logits, mb):
-        logp, _ = actor.logprobs(logits, mb["labels"])
-        return -(logp * mb["loss_mask"]).sum() / 100, {}
+        logp, _ = actor.logprobs(logits, mb.labels)
+        return -(logp * mb.loss_mask).sum() / 100, {}
 
     actor.forward_backward(split(batch, 8), loss_fn)
     assert actor.step()[0]
@@ -133,8 +137,8 @@ def lr_schedule(rank: int, world: int):
     batch = _batch(actor.vocab_size)
 
     def loss_fn(logits, mb):
-        logp, _ = actor.logprobs(logits, mb["labels"])
-        return -(logp * mb["loss_mask"]).sum() / 100, {}
+        logp, _ = actor.logprobs(logits, mb.labels)
+        return -(logp * mb.loss_mask).sum() / 100, {}
 
     lrs = [actor.lr()]
     for _ in range(7):
@@ -153,18 +157,19 @@ def onpolicy_old_logprobs_from_the_update_forward(rank: int, world: int):
     actor, cfg = _setup()
     batch = _batch(actor.vocab_size)
     out = {}
+    batch.old_logp = batch.old_entropy = None
     for way in ("scored", "own_forward"):
         micro = split(batch, 8)
         if way == "scored":
             score_old_logprobs(actor, micro)
         metrics = actor.forward_backward(micro, policy_loss_fn(cfg, actor, micro))
         out[way] = {
-            "old_logp": torch.cat([mb["old_logp"] for mb in micro]),
-            "old_entropy": torch.cat([mb["old_entropy"] for mb in micro]),
+            "old_logp": torch.cat([mb.old_logp for mb in micro]),
+            "old_entropy": torch.cat([mb.old_entropy for mb in micro]),
             "loss": sum(float(m["loss"]) for m in metrics),
             "grads": {n: p.main_grad.clone() for n, p in actor.model[0].module.named_parameters()}}
     a, b = out["scored"], out["own_forward"]
-    mask = batch["loss_mask"].bool()
+    mask = batch.loss_mask.bool()
     return {"logp": float((a["old_logp"] - b["old_logp"])[mask].abs().max()),
             "entropy": float((a["old_entropy"] - b["old_entropy"])[mask].abs().max()),
             "loss": (a["loss"], b["loss"]),
