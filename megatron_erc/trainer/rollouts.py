@@ -163,6 +163,7 @@ def validation_accuracy(gen: Generator, prompts: list[tuple[list[int], str]],
                         sampling: SamplingConfig) -> float:
     """Mean reward of ``sampling.n`` samples per prompt, sharded over all engines (every rank
     generates its share at the same time; nobody waits in a collective for a lone rank)."""
-    groups, _ = generate_sharded(gen, prompts, sampling)
+    seeds = None if sampling.seed is None else [sampling.seed + i for i in range(len(prompts))]
+    groups, _ = generate_sharded(gen, prompts, sampling, seeds)  # same samples on any layout
     rewards = [x for g in groups for x in g.rewards]
     return sum(rewards) / max(len(rewards), 1)
