@@ -10,6 +10,11 @@ own speed. In-process vLLM reduces the torch threads to 1 and binds its OMP thre
 ``torch.get_num_threads()`` still reports the old number), so the engines share them.
 
     python benchmarks/rollout.py [--prompts 32] [--tokens 64] [--reps 5] [--multiprocessing]
+
+``--layout``: instead, "2 ranks, trainer TP=2": generation tokens/s (grading included) of
+the job's whole rollout when every rank runs an embedded engine on its share of the prompts
+(``trainer/rollouts.generate_sharded``) against the earlier layout, one engine on TP rank 0
+while the other rank waits, in the same run over two gloo ranks, one thread each.
 """
 
 from __future__ import annotations
@@ -115,5 +120,78 @@ def main() -> None:
               f"weight sync median {ratio(bw, statistics.median):.3f}x")
 
 
+def _layout_rank(rank: int, store: str, args, queue) -> None:
+    import torch.distributed as dist
+
+    from megatron_erc import platform
+    from megatron_erc.rewards import RewardGrader
+    from megatron_erc.trainer.layout import engine_slot
+    from megatron_erc.trainer.rollouts import Generator, generate_sharded
+
+    torch.set_num_threads(1)
+    platform.setup()
+    dist.init_process_group("gloo", store=dist.FileStore(store, 2), rank=rank, world_size=2)
+    platform.init_model_parallel(2, 1, seed=0)  # the trainer's TP=2 groups exist as in a run
+    model = tiny_model()
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    prompts = [(p, "0") for p in torch.randint(
+        1, vocab, (args.prompts, args.prompt_len), generator=gen).tolist()]
+    sampling = SamplingConfig(n=4, temperature=1.0, max_tokens=args.tokens)
+    engine = EmbeddedEngine(model)
+    rates = {"every rank generates": [], "TP rank 0 generates": []}
+    with RewardGrader("math", timeout_s=5.0, num_workers=1) as grader:
+        slots = {"every rank generates": engine_slot(rank, rank, 2, 2, 1),
+                 "TP rank 0 generates": engine_slot(rank, rank, 2, 2, 2)}
+        gens = {k: Generator(slot=s, engine=engine if s.is_leader else None,
+                             grader=grader if s.is_leader else None,
+                             decode=lambda ids: " ".join(map(str, ids))) for k, s in slots.items()}
+        for rep in range(args.reps + 1):  # the first round warms up
+            for name, g in gens.items():
+                dist.barrier()
+                start = time.perf_counter()
+                groups, _ = generate_sharded(g, prompts, sampling, seeds=list(range(len(prompts))))
+                seconds = time.perf_counter() - start
+                tokens = sum(len(s.token_ids) for grp in groups for s in grp.samples)
+                if rep:
+                    rates[name].append(tokens / seconds)
+    if rank == 0:
+        queue.put(rates)
+    dist.destroy_process_group()
+
+
+def layout_main(args) -> None:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = [ctx.Process(target=_layout_rank, args=(r, f"{tmp}/store", args, queue))
+                 for r in range(2)]
+        for p in procs:
+            p.start()
+        rates = queue.get(timeout=1800)
+        for p in procs:
+            p.join()
+    print(f"2 ranks, trainer TP=2, embedded engine, {args.prompts} prompts x 4 samples x "
+          f"{args.tokens} tokens, grading included")
+    for name, r in rates.items():
+        print(f"  {name:22s} tok/s {summary(r)}")
+    new, old = rates["every rank generates"], rates["TP rank 0 generates"]
+    median = statistics.median(new) / statistics.median(old)
+    print(f"ratio every-rank / TP-rank-0: median {median:.2f}x  best {max(new) / max(old):.2f}x")
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if "--layout" in sys.argv:
+        parser = argparse.ArgumentParser(description="rollout layout benchmark")
+        parser.add_argument("--layout", action="store_true")
+        parser.add_argument("--prompts", type=int, default=32)
+        parser.add_argument("--prompt-len", type=int, default=16)
+        parser.add_argument("--tokens", type=int, default=48)
+        parser.add_argument("--reps", type=int, default=5)
+        layout_main(parser.parse_args())
+    else:
+        main()

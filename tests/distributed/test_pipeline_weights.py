@@ -50,3 +50,48 @@ def test_every_rank_receives_every_stage_exactly(tp, pp):
         assert any(".layers.0." in n for n in names)  # first stage
         for name, tensor in r["got"]:
             assert torch.equal(tensor, r["want"][name]), name
+
+
+def export_at_pp2(rank: int, world: int, out: str):
+    """Export a PP=2 actor as an HF directory and compare transformers' logits with the
+    megatron model's (last stage)."""
+    from megatron.core import parallel_state as ps
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from megatron_erc import platform
+    from megatron_erc.models import ParallelConfig
+    from megatron_erc.trainer.actor import Actor, OptimConfig
+    from megatron_erc.trainer.batch import MicroBatch
+    from megatron_erc.trainer.config import ModelConfig
+    from megatron_erc.trainer.sft import export_hf
+
+    platform.setup()
+    platform.init_model_parallel(1, 2, seed=5)
+    d = {k: v for k, v in TINY.items() if k not in ("architectures", "torch_dtype")}
+    torch.manual_seed(5)
+    actor = Actor(AutoConfig.for_model(d.pop("model_type"), **d), ParallelConfig(pp=2),
+                  OptimConfig(lr=1e-3))
+    model_dir = pathlib.Path(out) / "src"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    export_hf(actor, pathlib.Path(out) / "hf", ModelConfig(path=str(model_dir)))
+    tokens = torch.randint(0, actor.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    mb = MicroBatch(tokens=tokens, labels=tokens, loss_mask=torch.ones(2, 16))
+    captured = {}
+
+    def keep(logits, batch):
+        captured["logits"] = logits.detach().clone()
+        return logits.new_zeros(()), {}
+
+    actor.forward_backward([mb], keep, forward_only=True)
+    if not ps.is_pipeline_last_stage():
+        return None
+    hf = AutoModelForCausalLM.from_pretrained(pathlib.Path(out) / "hf", dtype=torch.float32)
+    want = hf(input_ids=tokens).logits
+    got = captured["logits"][..., : want.shape[-1]]
+    return float((got - want).abs().max() / want.abs().max())
+
+
+def test_sft_export_at_pp2_gives_the_megatron_logits(tmp_path):
+    results = run_distributed(export_at_pp2, 2, str(tmp_path))
+    assert results[0] is None and results[1] is not None
+    assert results[1] < 1e-5, results[1]
