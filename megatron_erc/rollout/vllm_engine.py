@@ -63,6 +63,19 @@ def checkpoint_shapes(model_dir: str | os.PathLike) -> dict[str, tuple[int, ...]
     return shapes
 
 
+def cpu_bind_list(workers: int) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` giving each of ``workers`` CPU workers a contiguous share
+    of this process's cores (``"0|1"``, ``"0-3|4-7"``); workers share cores when there are
+    fewer cores than workers."""
+    cores = sorted(os.sched_getaffinity(0))
+    per = max(1, len(cores) // workers)
+    shares = []
+    for w in range(workers):
+        share = cores[(w * per) % len(cores):][:per] or cores[:per]
+        shares.append(f"{share[0]}-{share[-1]}" if len(share) > 1 else str(share[0]))
+    return "|".join(shares)
+
+
 CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
@@ -129,6 +142,10 @@ class VLLMEngine(StagedWeightUpdates):
         self._sleep_mode = enable_sleep_mode
         if tensor_parallel_size > 1:
             llm_kwargs.setdefault("distributed_executor_backend", "mp")
+            if not on_gpu and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+                # vLLM-CPU binds each TP worker to a NUMA node of its own and refuses when
+                # there are fewer nodes than workers: give each worker a share of our cores
+                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind_list(tensor_parallel_size)
         if on_gpu and gpu_memory_utilization is not None:
             llm_kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         else:

@@ -64,6 +64,10 @@ class RolloutConfig:
     prompts_per_step: int = 16
     """Prompt groups trained on per step by the whole job (after dynamic sampling), whatever
     the data-parallel size: each round draws this many prompts, shared over all engines."""
+    prompts_per_round: int | None = None
+    """Prompts drawn per generation round for the whole job (DAPO's generation batch; drawing
+    more than ``prompts_per_step`` needs fewer rounds to fill the step). None: equal to
+    ``prompts_per_step``."""
     tp: int = 1
     """Tensor-parallel size of each rollout engine, independent of the trainer's TP/PP: the
     job runs world_size / tp engines, each spanning tp consecutive ranks (GPUs of one node).
@@ -90,6 +94,9 @@ class RolloutConfig:
         if self.n < 2:
             raise ValueError(f"rollout.n must be >= 2: GRPO compares responses to the same "
                              f"prompt; got {self.n}")
+        if self.prompts_per_round is not None and self.prompts_per_round < self.prompts_per_step:
+            raise ValueError(f"rollout.prompts_per_round ({self.prompts_per_round}) must be >= "
+                             f"rollout.prompts_per_step ({self.prompts_per_step}), or null")
         if self.tp > 1 and self.engine == "embedded":
             raise ValueError(f"rollout.tp={self.tp} needs rollout.engine=vllm: the embedded "
                              "engine is not tensor-parallel (it runs one per rank)")

@@ -114,15 +114,16 @@ class Rollout:
 
 def collect_rollout(cfg, gen: Generator, prompts: list[tuple[list[int], str]], rng,
                     sampling: SamplingConfig, should_stop: Callable[[], bool]) -> Rollout:
-    """Generate rounds of ``prompts_per_step`` prompts until that many groups have non-equal
-    rewards (DAPO dynamic sampling) or ``max_gen_batches`` rounds ran; keep the first
-    ``prompts_per_step``. ``should_stop`` (collective) is asked between rounds."""
+    """Generate rounds of ``prompts_per_round`` prompts until ``prompts_per_step`` groups
+    have non-equal rewards (DAPO dynamic sampling) or ``max_gen_batches`` rounds ran; keep the
+    first ``prompts_per_step``. ``should_stop`` (collective) is asked between rounds."""
     r, n = cfg.rollout, cfg.rollout.n
     kept, metrics, gen_s, rounds = [], {}, 0.0, 0
     while len(kept) < r.prompts_per_step and rounds < r.max_gen_batches:
         if rounds and should_stop():
             return Rollout([], metrics, gen_s, stopped=True)
-        chosen = rng.sample(prompts, min(r.prompts_per_step, len(prompts)))
+        chosen = rng.sample(prompts, min(r.prompts_per_round or r.prompts_per_step,
+                                         len(prompts)))
         seeds = [rng.randrange(2**31) for _ in chosen]
         t0 = time.perf_counter()
         groups, counts = generate_sharded(gen, chosen, sampling, seeds)
