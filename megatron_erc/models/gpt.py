@@ -79,11 +79,16 @@ def rope_theta(hf_config) -> float:
     return float(params.get("rope_theta", _hf_field(hf_config, "rope_theta", 10000.0)))
 
 
-def transformer_config_from_hf(hf_config, parallel: ParallelConfig, **overrides):
-    """A megatron ``TransformerConfig`` equivalent to an HF Llama/Qwen2 config."""
+def transformer_config_from_hf(hf_config, parallel: ParallelConfig, *, platform=None,
+                               **overrides):
+    """A megatron ``TransformerConfig`` equivalent to an HF Llama/Qwen2 config.
+
+    ``overrides`` are further ``TransformerConfig`` arguments; the platform (the detected one
+    by default) then has the last word on what it cannot run (see
+    ``megatron_erc.platform.adapt_transformer_kwargs``)."""
     from megatron.core.transformer import TransformerConfig
 
-    from megatron_erc.platform import adapt_parallel_config, detect
+    from megatron_erc.platform import adapt_parallel_config, adapt_transformer_kwargs, detect
 
     model_type = getattr(hf_config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -108,7 +113,7 @@ def transformer_config_from_hf(hf_config, parallel: ParallelConfig, **overrides)
         qkv_bias = False
         if _hf_field(hf_config, "mlp_bias", False):
             raise NotImplementedError("Llama configs with mlp_bias=True are not supported")
-    platform = detect()
+    platform = platform or detect()
     dtype = getattr(torch, parallel.params_dtype)
     kwargs = dict(
         num_layers=layers,
@@ -125,12 +130,6 @@ def transformer_config_from_hf(hf_config, parallel: ParallelConfig, **overrides)
         add_qkv_bias=qkv_bias,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
-        persist_layer_norm=False,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -138,12 +137,9 @@ def transformer_config_from_hf(hf_config, parallel: ParallelConfig, **overrides)
         pipeline_model_parallel_size=parallel.pp,
         virtual_pipeline_model_parallel_size=parallel.vpp,
         sequence_parallel=parallel.sequence_parallel,
-        # On CPU, initialise the full weight then split: TP runs start from the same weights
-        # as TP=1 for the same seed.
-        use_cpu_initialization=platform.is_cpu,
         init_method_std=float(_hf_field(hf_config, "initializer_range", 0.02)),
     )
-    kwargs.update(overrides)
+    kwargs = adapt_transformer_kwargs({**kwargs, **overrides}, platform)
     return adapt_parallel_config(TransformerConfig(**kwargs), platform)
 
 

@@ -17,8 +17,13 @@ touched and no megatron-core module is copied:
    norm parameters marked ``sequence_parallel`` so ``finalize_model_grads`` sums their
    gradients across the TP group.
 
-Pipeline p2p ordering over gloo is a config setting, not a patch: see
-``megatron_erc.platform.distributed.adapt_parallel_config``.
+Replacements accept any arguments (``*args, **kwargs``) and wrappers pass them through
+unchanged; the parameters a patch reads are checked when it is applied, so a signature change
+upstream stops the layer at start-up instead of breaking a call later.
+
+Pipeline p2p ordering over gloo and the fusions a CPU cannot run are config settings, not
+patches: see ``megatron_erc.platform.distributed.adapt_parallel_config`` and
+``megatron_erc.platform.transformer_config``.
 
 Apply with :func:`apply` once at start-up on CPU only (``megatron_erc.platform.setup`` does
 this); a second call changes nothing. Never apply it on a CUDA machine.
@@ -27,12 +32,13 @@ this); a second call changes nothing. Never apply it on a CUDA machine.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import threading
 
 import torch
 from torch.overrides import TorchFunctionMode
 
-SUPPORTED_MEGATRON = ("0.16.",)
+from megatron_erc.platform.version import require_supported_megatron
 
 _lock = threading.Lock()
 _applied = False
@@ -40,7 +46,7 @@ _mode: TorchFunctionMode | None = None
 
 
 class CpuLayerError(RuntimeError):
-    """megatron-core does not look like the release this layer was written for."""
+    """A symbol the layer adapts moved, or the layer was asked to run on a CUDA machine."""
 
 
 def is_applied() -> bool:
@@ -48,20 +54,15 @@ def is_applied() -> bool:
 
 
 def apply() -> None:
-    """Apply every adaptation once. Raises ``CpuLayerError`` if a patched symbol moved."""
+    """Apply every adaptation once. Raises ``UnsupportedMegatronError`` on another
+    megatron-core release line and ``CpuLayerError`` if a patched symbol moved."""
     global _applied, _mode
     with _lock:
         if _applied:
             return
         if torch.cuda.is_available():
             raise CpuLayerError("the CPU layer must never be applied on a CUDA machine")
-        import megatron.core
-
-        version = getattr(megatron.core, "__version__", "?")
-        if not version.startswith(SUPPORTED_MEGATRON):
-            raise CpuLayerError(
-                f"megatron-core {version} is installed but the CPU layer was written for "
-                f"{SUPPORTED_MEGATRON[0]}x; install megatron-core==0.16.1")
+        require_supported_megatron("the CPU platform layer")
         _patch_cuda_namespace()
         _patch_rng_tracker()
         _patch_torch_norm()
@@ -137,8 +138,8 @@ def _patch_cuda_namespace() -> None:
     cuda.nvtx.range_push = _noop("range_push")
     cuda.nvtx.range_pop = _noop("range_pop")
     # The "device" generator megatron seeds and forks is the CPU generator here.
-    cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
-    cuda.manual_seed = lambda seed: torch.manual_seed(seed)
+    cuda.get_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    cuda.manual_seed = lambda seed, *args, **kwargs: torch.manual_seed(seed)
 
 
 # --- 3: RNG tracker --------------------------------------------------------------------------
@@ -147,12 +148,14 @@ def _patch_rng_tracker() -> None:
     from megatron.core.tensor_parallel import random as mrandom
 
     _require(mrandom, "_get_cuda_rng_state")
-    _require(mrandom, "_set_cuda_rng_state")
+    _require_params(_require(mrandom, "_set_cuda_rng_state"), "new_state")
 
-    def get_state(device="cuda", clone=False, graph_safe=False):
+    # The device, clone and CUDA-graph arguments have no meaning for the one CPU generator
+    # (its state is returned as a fresh tensor): accept whatever megatron passes.
+    def get_state(*args, **kwargs):
         return torch.get_rng_state()
 
-    def set_state(new_state, device=-1, graph_safe=False):
+    def set_state(new_state, *args, **kwargs):
         torch.set_rng_state(new_state)
 
     mrandom._get_cuda_rng_state = get_state
@@ -166,14 +169,14 @@ def _patch_torch_norm() -> None:
 
     wrapped = _require(torch_norm, "WrappedTorchNorm")
     original_new = wrapped.__new__
+    signature = _require_params(original_new, "config")
 
-    def new(cls, config, hidden_size, eps=1e-5, persist_layer_norm=False,
-            zero_centered_gamma=False, normalization="LayerNorm"):
+    def new(cls, *args, **kwargs):
+        config = signature.bind(cls, *args, **kwargs).arguments["config"]
         sequence_parallel = config.sequence_parallel
         config.sequence_parallel = False  # only to get past the wrapper's refusal
         try:
-            norm = original_new(cls, config, hidden_size, eps, persist_layer_norm,
-                                zero_centered_gamma, normalization)
+            norm = original_new(cls, *args, **kwargs)
         finally:
             config.sequence_parallel = sequence_parallel
         for p in norm.parameters():
@@ -182,6 +185,18 @@ def _patch_torch_norm() -> None:
         return norm
 
     wrapped.__new__ = staticmethod(new)
+
+
+def _require_params(fn, *names: str) -> inspect.Signature:
+    """``fn``'s signature, checked to still have the parameters a patch relies on."""
+    signature = inspect.signature(fn)
+    missing = [n for n in names if n not in signature.parameters]
+    if missing:
+        raise CpuLayerError(
+            f"{fn.__module__}.{fn.__qualname__} no longer takes {', '.join(missing)}: this "
+            "megatron-core release changed a function the CPU layer adapts; pin "
+            "megatron-core==0.16.1")
+    return signature
 
 
 # --- 4: hard-coded CUDA device requests --------------------------------------------------
