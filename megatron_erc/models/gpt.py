@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+RECOMPUTE_CHOICES = ("none", "selective", "full")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -38,6 +39,17 @@ class ParallelConfig:
     distributed_timeout_min: float = 60.0
     """Timeout (minutes) of every collective, in ``init_process_group`` and megatron's
     groups. NCCL's default of 10 is shorter than a long rollout or a validation pass."""
+    recompute: str = "none"
+    """Activation recompute, trading backward-pass compute for activation memory:
+    ``"none"`` keeps every activation for backward; ``"selective"`` recomputes core attention
+    only (megatron's ``recompute_modules=["core_attn"]``: the ``[b, heads, s, s]`` scores and
+    probabilities, the activations that grow with the square of the sequence, for a small
+    fraction of the FLOPs); ``"full"`` keeps only the input of each recomputed transformer
+    layer and reruns the layer's forward in backward (about one extra forward pass)."""
+    recompute_layers: int | None = None
+    """With ``recompute="full"``: how many transformer layers of each pipeline stage (of each
+    virtual stage with ``vpp``) are recomputed, counted from the stage's first layer; the
+    others keep their activations (megatron's ``recompute_method="block"``). None = all."""
 
     def __post_init__(self):
         for name in ("tp", "pp", "pad_vocab_multiple"):
@@ -54,6 +66,37 @@ class ParallelConfig:
         if self.params_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"parallel.params_dtype must be float32 or bfloat16, "
                              f"got {self.params_dtype!r}")
+        if self.recompute not in RECOMPUTE_CHOICES:
+            raise ValueError(f"parallel.recompute must be one of {', '.join(RECOMPUTE_CHOICES)}, "
+                             f"got {self.recompute!r}")
+        if self.recompute_layers is not None:
+            if self.recompute != "full":
+                raise ValueError(
+                    f"parallel.recompute_layers applies to recompute=full only (recompute is "
+                    f"{self.recompute!r}); set recompute=full or recompute_layers to null")
+            if self.recompute_layers < 1:
+                raise ValueError(
+                    f"parallel.recompute_layers must be >= 1 (null = every layer), got "
+                    f"{self.recompute_layers}; use recompute=none to recompute nothing")
+
+    def recompute_kwargs(self, layers_per_stage: int) -> dict:
+        """megatron ``TransformerConfig`` recompute arguments for ``layers_per_stage``
+        transformer layers per (virtual) pipeline stage."""
+        if self.recompute == "none":
+            return {}
+        if self.recompute == "selective":
+            # recompute_modules keeps megatron's default, ["core_attn"].
+            return {"recompute_granularity": "selective"}
+        layers = self.recompute_layers or layers_per_stage
+        if layers > layers_per_stage:
+            raise ValueError(
+                f"parallel.recompute_layers={layers} exceeds the {layers_per_stage} transformer "
+                f"layers of each pipeline stage; set it to at most {layers_per_stage} "
+                "(or null for all)")
+        # "block" recomputes the first `layers` layers of each stage, each layer its own
+        # checkpoint (only its input is kept); with all layers it equals uniform/1.
+        return {"recompute_granularity": "full", "recompute_method": "block",
+                "recompute_num_layers": layers}
 
 
 def padded_vocab_size(vocab_size: int, tp: int, multiple: int) -> int:
@@ -138,6 +181,7 @@ def transformer_config_from_hf(hf_config, parallel: ParallelConfig, *, platform=
         virtual_pipeline_model_parallel_size=parallel.vpp,
         sequence_parallel=parallel.sequence_parallel,
         init_method_std=float(_hf_field(hf_config, "initializer_range", 0.02)),
+        **parallel.recompute_kwargs(layers // stages),
     )
     kwargs = adapt_transformer_kwargs({**kwargs, **overrides}, platform)
     return adapt_parallel_config(TransformerConfig(**kwargs), platform)
