@@ -203,7 +203,7 @@ class EmbeddedEngine(StagedWeightUpdates):
     def sleep(self) -> None:
         pass
 
-    def wake_up(self) -> None:
+    def wake_up(self, tags: list[str] | None = None) -> None:
         pass
 
     def close(self) -> None:

@@ -258,9 +258,11 @@ class VLLMEngine(StagedWeightUpdates):
         if self._sleep_mode:
             self.llm.sleep(level=1)
 
-    def wake_up(self) -> None:
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """``tags``: ``["weights"]`` before a weight sync, then ``["kv_cache"]`` (vLLM's
+        two-stage wake-up keeps the KV cache off the device during the sync)."""
         if self._sleep_mode:
-            self.llm.wake_up()
+            self.llm.wake_up(tags=tags)
 
     def close(self) -> None:
         llm = self.__dict__.pop("llm", None)

@@ -79,8 +79,12 @@ class Actor:
         )
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-        from megatron_erc.platform import detect
+        from megatron_erc.platform import detect, require_supported_megatron
 
+        # step() and checkpointing use megatron's private optimizer APIs (prepare_grads,
+        # step_with_ready_grads, optimizer internals): pinned to the release they were
+        # written against, on every platform
+        require_supported_megatron("the actor's optimizer step and checkpoints")
         self.hf_config, self.parallel = hf_config, parallel
         # where micro-batches must live: this rank's GPU (set by init_process_group) or the CPU
         self.device = torch.device("cpu") if detect().is_cpu else \

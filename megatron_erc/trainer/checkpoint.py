@@ -256,7 +256,9 @@ def save_checkpoint(root: str | os.PathLike, step: int, actor, extra_state: dict
     from megatron.core import dist_checkpointing
 
     from megatron_erc.models.gpt import padded_vocab_size
+    from megatron_erc.platform import require_supported_megatron
 
+    require_supported_megatron("checkpoint saving (megatron's optimizer internals)")
     if keep_last < 0:
         raise ValueError(f"keep_last must be >= 0 (0 keeps every checkpoint), got {keep_last}")
     root, rank = pathlib.Path(root), dist.get_rank()

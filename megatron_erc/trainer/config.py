@@ -81,6 +81,18 @@ class RolloutConfig:
     """Sampling temperature of training rollouts."""
     max_response_tokens: int = 64
     """Response length limit."""
+    colocate: bool = True
+    """Trainer and engines share the GPUs: around every generation the trainer's gradient
+    buffers and optimizer state go to pinned host memory and the engines wake; afterwards
+    the engines sleep (vLLM sleep mode) and the trainer reloads (see trainer/colocate.py)."""
+    offload_params: bool = False
+    """With ``colocate``: also move the trainer's parameters off the GPU during generation
+    (after the weight sync, which reads them)."""
+    gpu_memory_utilization: float = 0.5
+    """vLLM on GPU: fraction of each device the engine may take (weights + KV cache). vLLM
+    refuses to start when less is free; the trainer checks first and says so."""
+    enforce_eager: bool = False
+    """vLLM on GPU: no CUDA graphs (slower decode, faster start). CPU engines are eager."""
     weight_sync_bucket_mb: int = 64
     """Bucket size when streaming weights into the engine (bounds the extra memory)."""
     vllm_kv_cache_mb: int = 256
@@ -104,6 +116,12 @@ class RolloutConfig:
                      "weight_sync_bucket_mb", "vllm_kv_cache_mb"):
             if getattr(self, name) < 1:
                 raise ValueError(f"rollout.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"rollout.gpu_memory_utilization must be in (0, 1], got "
+                             f"{self.gpu_memory_utilization}")
+        if self.offload_params and not self.colocate:
+            raise ValueError("rollout.offload_params needs rollout.colocate=true (engines on "
+                             "their own GPUs leave the trainer's memory alone)")
         if not self.temperature > 0:
             raise ValueError(f"rollout.temperature must be > 0 for RL exploration, "
                              f"got {self.temperature}")

@@ -121,7 +121,8 @@ def _declared() -> dict[str, Reduce]:
             "response/clipped_frac", "dynamic_sampling/groups_kept", "dynamic_sampling/rounds",
             "grad_norm", "lr", "val/accuracy", *COUNT_NAMES]
     slowest = ["time/generate", "time/score", "time/forward", "time/update", "time/sync",
-               "time/step", "sync/seconds", "sync/bytes", "skipped_steps"]
+               "time/step", "sync/seconds", "sync/bytes", "skipped_steps",
+               "memory/offloaded_gib", "memory/trainer_freed_gib"]
     return {**{k: Reduce.SAME for k in same}, **{k: Reduce.MAX for k in slowest},
             **{k: Reduce.TOKEN_SUM for k in POLICY_LOSS_METRICS | {"loss"}},
             **{k: Reduce.QUANTILE for k in NON_ADDITIVE_METRICS},

@@ -63,9 +63,15 @@ class TrainerOffload:
     optimizer state that appears at the first step is included from then on.
     """
 
-    def __init__(self, actor, params: bool = False, *, spill_dir: str | None = None):
+    def __init__(self, actor, params: bool = False, *, spill_dir: str | None = None,
+                 kinds: tuple[str, ...] | None = None):
         self.actor = actor
         self.params = params
+        self.kinds = kinds or tuple(k for k in KINDS if k != "params" or params)
+        """What moves: a subset of ``KINDS`` (default: grads and optimizer, plus params if
+        ``params``). Two instances with disjoint kinds can offload in two phases."""
+        if set(self.kinds) - set(KINDS):
+            raise ValueError(f"kinds must be a subset of {KINDS}, got {self.kinds}")
         self.spill_dir = spill_dir
         self.device = _device_of(actor)
         self.bytes_by_kind: dict[str, int] = dict.fromkeys(KINDS, 0)
@@ -84,14 +90,14 @@ class TrainerOffload:
             raise RuntimeError("TrainerOffload.offload() called twice: the trainer state is "
                                "already off the device; call reload() before offloading again")
         by_kind = self._collect()
-        moved = [s for kind in KINDS if kind != "params" or self.params for s in by_kind[kind]]
+        moved = [s for kind in self.kinds for s in by_kind[kind]]
         fixed = [s for s in moved if not s.resizable()]
         if fixed:
             raise RuntimeError(f"{len(fixed)} trainer storage(s) cannot be resized (memory-mapped "
                                "or borrowed from numpy?), so they cannot be freed; load state "
                                "into ordinary tensors before using TrainerOffload")
         sizes = [s.nbytes() for s in moved]
-        bytes_by_kind = {k: sum(s.nbytes() for s in by_kind[k]) if k != "params" or self.params
+        bytes_by_kind = {k: sum(s.nbytes() for s in by_kind[k]) if k in self.kinds
                          else 0 for k in KINDS}
         # Copy everything out before freeing anything: a failed copy leaves the state intact.
         if self.device.type == "cuda":

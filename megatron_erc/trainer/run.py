@@ -122,27 +122,41 @@ def build_engine(cfg: TrainConfig, actor, slot):
         # (vLLM's multiprocessing executor): in this process, vLLM would set up
         # torch.distributed inside the trainer's world and wait for ranks that never join,
         # and its TP workers need their own process group anyway.
-        multi = dist.get_world_size() > 1 or cfg.rollout.tp > 1
+        from megatron_erc.rollout.memory import check_engine_memory
+
+        r, on_gpu = cfg.rollout, actor.device.type == "cuda"
+        if on_gpu:  # a clear message instead of vLLM's traceback when the share is not free
+            check_engine_memory(r.gpu_memory_utilization, device_index=actor.device.index)
+        multi = dist.get_world_size() > 1 or r.tp > 1
         engine = VLLMEngine(cfg.model.path, max_model_len=cfg.run.seq_len + 8,
-                            kv_cache_memory_bytes=cfg.rollout.vllm_kv_cache_mb << 20,
+                            kv_cache_memory_bytes=r.vllm_kv_cache_mb << 20,
+                            gpu_memory_utilization=r.gpu_memory_utilization,
+                            enforce_eager=r.enforce_eager or not on_gpu,
+                            enable_sleep_mode=r.colocate and on_gpu,
                             dtype=cfg.parallel.params_dtype, seed=cfg.run.seed,
-                            tensor_parallel_size=cfg.rollout.tp, devices=slot.devices,
+                            tensor_parallel_size=r.tp, devices=slot.devices,
                             multiprocessing=True if multi else None)
     sync_engine(cfg, actor, engine)  # the engine starts from the actor's exact weights
     return engine, kind
 
 
-def build_generator(cfg: TrainConfig, actor, tokenizer, group):
-    """Engine, grader and slot of this rank (``rollouts.Generator``)."""
+def build_generator(cfg: TrainConfig, actor, tokenizer, group, events: list | None = None):
+    """Engine, grader and slot of this rank (``rollouts.Generator``) and the memory phases
+    around its generations (``colocate.Colocation``; the engine starts asleep)."""
     from megatron_erc.rewards import RewardGrader
+    from megatron_erc.trainer.colocate import Colocation
     from megatron_erc.trainer.rollouts import Generator
 
     slot = rank_slot(cfg)
     engine, kind = build_engine(cfg, actor, slot)
     grader = RewardGrader(cfg.rollout.reward_fn, timeout_s=cfg.rollout.reward_timeout_s,
                           num_workers=1) if slot.is_leader else None
-    return Generator(slot=slot, engine=engine if slot.is_leader else None, grader=grader,
-                     decode=tokenizer.decode, group=group), kind
+    engine = engine if slot.is_leader else None
+    colocation = Colocation(actor, engine, enabled=cfg.rollout.colocate,
+                            offload_params=cfg.rollout.offload_params, events=events)
+    colocation.sleep()
+    return Generator(slot=slot, engine=engine, grader=grader, decode=tokenizer.decode,
+                     group=group), colocation, kind
 
 
 def run_train(cfg: TrainConfig, validate_first: bool = False) -> list[dict]:
@@ -152,7 +166,6 @@ def run_train(cfg: TrainConfig, validate_first: bool = False) -> list[dict]:
     from megatron_erc.data.tokenizers import load_tokenizer
     from megatron_erc.trainer import checkpoint as ckpt
     from megatron_erc.trainer.rl import RunContext, train
-    from megatron_erc.trainer.steps import sync_engine
 
     if cfg.data is None:
         raise ValueError("data.path is required: a JSONL or Parquet prompt file")
@@ -171,17 +184,17 @@ def run_train(cfg: TrainConfig, validate_first: bool = False) -> list[dict]:
     rng = random.Random(cfg.run.seed * 1000)
     # The engine is built first: its construction draws random numbers, and a resumed run
     # must continue from exactly the RNG state the checkpoint saved.
-    generator, kind = build_generator(cfg, actor, tokenizer, group)
+    generator, colocation, kind = build_generator(cfg, actor, tokenizer, group)
     start_step = 0
     resumed = ckpt.load_checkpoint(cfg.checkpoint.resume, run_dir / "checkpoints", actor) \
         if cfg.checkpoint.resume else None
     if resumed is not None:
         start_step, extra = resumed
         rng.setstate(_tuple_state(extra["rng"]))
-        sync_engine(cfg, actor, generator.engine)
+        colocation.stale = True  # the first rollout phase syncs the restored weights
         if rank0:
             print(f"[train] resumed from step {start_step}", flush=True)
-    validate = _validator(cfg, tokenizer, generator)
+    validate = _validator(cfg, tokenizer, generator, colocation, actor)
     writer = MetricsWriter(run_dir, enabled=rank0)
     progress = Progress(cfg.run.steps, start_step, enabled=rank0)
     stop = {"flag": False}
@@ -201,7 +214,7 @@ def run_train(cfg: TrainConfig, validate_first: bool = False) -> list[dict]:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same point
         return bool(flag.item())
 
-    ctx = RunContext(actor=actor, generator=generator, prompts=prompts,
+    ctx = RunContext(actor=actor, generator=generator, colocation=colocation, prompts=prompts,
                      pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, rng=rng,
                      validate=validate, log=log_metrics, should_stop=should_stop, save=save,
                      start_step=start_step)
@@ -221,11 +234,13 @@ def run_train(cfg: TrainConfig, validate_first: bool = False) -> list[dict]:
     finally:
         progress.close()
         writer.close()
-        _close(generator)
+        _close(generator, colocation)
     return history
 
 
-def _close(generator) -> None:
+def _close(generator, colocation=None) -> None:
+    if colocation is not None:
+        colocation.close()
     if generator.grader is not None:
         generator.grader.close()
     if generator.engine is not None:
@@ -237,11 +252,13 @@ def _tuple_state(state):
     return tuple(tuple(s) if isinstance(s, list) else s for s in state)
 
 
-def _validator(cfg: TrainConfig, tokenizer, generator):
-    """Validation accuracy, sharded over every engine of the job (collective)."""
+def _validator(cfg: TrainConfig, tokenizer, generator, colocation, actor):
+    """Validation accuracy, sharded over every engine of the job (collective), inside a
+    generation phase (engines awake with the current weights)."""
     from megatron_erc.data.prompts import PromptDataConfig, PromptDataset
     from megatron_erc.rollout import SamplingConfig
     from megatron_erc.trainer.rollouts import validation_accuracy
+    from megatron_erc.trainer.steps import sync_engine
 
     v = cfg.validation
     if v.path is None:
@@ -256,7 +273,11 @@ def _validator(cfg: TrainConfig, tokenizer, generator):
                               top_p=v.top_p if v.temperature > 0 else 1.0,
                               max_tokens=cfg.rollout.max_response_tokens, seed=cfg.run.seed,
                               stop_token_ids=(tokenizer.eos_token_id,))
-    return lambda: validation_accuracy(generator, prompts, sampling)
+    def validate() -> float:
+        with colocation.rollout(lambda: sync_engine(cfg, actor, generator.engine)):
+            return validation_accuracy(generator, prompts, sampling)
+
+    return validate
 
 
 def run_eval(cfg: TrainConfig) -> float:
@@ -269,8 +290,8 @@ def run_eval(cfg: TrainConfig) -> float:
     setup_parallel(cfg)
     actor = build_actor(cfg)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
-    generator, _ = build_generator(cfg, actor, tokenizer, object_group(cfg))
+    generator, colocation, _ = build_generator(cfg, actor, tokenizer, object_group(cfg))
     try:
-        return _validator(cfg, tokenizer, generator)()
+        return _validator(cfg, tokenizer, generator, colocation, actor)()
     finally:
-        _close(generator)
+        _close(generator, colocation)

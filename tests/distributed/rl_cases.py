@@ -24,38 +24,51 @@ def rl_run(rank: int, world: int, task: str, runs: list[tuple[str, list[str]]]) 
     """``run_train`` once per ``(run_dir, overrides)`` in this world; per run: history,
     optimizer steps, training micro-batches and the kept prompts of every step."""
     from megatron_erc.config_io import load_config
+    from megatron_erc.rollout import EmbeddedEngine
     from megatron_erc.trainer import rl
     from megatron_erc.trainer.actor import Actor
+    from megatron_erc.trainer.colocate import Colocation
     from megatron_erc.trainer.config import TrainConfig
     from megatron_erc.trainer.run import run_train
 
     stats: dict = {}
-    real_collect, real_step, real_fb = rl.collect_rollout, Actor.step, Actor.forward_backward
+    real = (rl.collect_rollout, Actor.step, Actor.forward_backward, Colocation._note,
+            EmbeddedEngine.generate)
 
     def collect(*args, **kwargs):
-        out = real_collect(*args, **kwargs)
+        out = real[0](*args, **kwargs)
         stats["kept"].append([g[0].prompt_ids for g in out.groups])
         return out
 
     def step(self):
         stats["optimizer_steps"] += 1
-        return real_step(self)
+        stats["events"].append("step")
+        return real[1](self)
 
     def forward_backward(self, micro_batches, loss_fn, *, forward_only=False):
         if not forward_only:
             stats["micro_batches"] += len(micro_batches)
-        return real_fb(self, micro_batches, loss_fn, forward_only=forward_only)
+        return real[2](self, micro_batches, loss_fn, forward_only=forward_only)
 
-    rl.collect_rollout, Actor.step, Actor.forward_backward = collect, step, forward_backward
+    def note(self, name):
+        stats["events"].append(name)
+        return real[3](self, name)
+
+    def generate(self, *args, **kwargs):
+        stats["events"].append("generate")
+        return real[4](self, *args, **kwargs)
+
+    (rl.collect_rollout, Actor.step, Actor.forward_backward, Colocation._note,
+     EmbeddedEngine.generate) = collect, step, forward_backward, note, generate
     results = []
     try:
         for run_dir, extra in runs:
-            stats.update(kept=[], optimizer_steps=0, micro_batches=0)
+            stats.update(kept=[], optimizer_steps=0, micro_batches=0, events=[])
             cfg = load_config(TrainConfig, CONFIG, base_overrides(task, run_dir, 1) + extra)
             history = run_train(cfg)
             results.append({"history": history, **{k: stats[k] for k in
-                            ("kept", "optimizer_steps", "micro_batches")}})
+                            ("kept", "optimizer_steps", "micro_batches", "events")}})
     finally:
-        rl.collect_rollout, Actor.step, Actor.forward_backward = real_collect, real_step, \
-            real_fb
+        (rl.collect_rollout, Actor.step, Actor.forward_backward, Colocation._note,
+         EmbeddedEngine.generate) = real
     return results

@@ -44,7 +44,7 @@ def engines_agree(rank: int, world: int, task: str, trainer_tp: int):
         for name, p in actor.model[0].module.named_parameters():  # back to the start
             p.data.copy_(originals[name])
         cfg.rollout.tp = rollout_tp
-        gen, _ = build_generator(cfg, actor, tok, None)
+        gen, colocation, _ = build_generator(cfg, actor, tok, None)
         try:
             before, _ = generate_sharded(gen, prompts, greedy)
             with torch.no_grad():  # a change every layout applies alike (elementwise)
@@ -53,7 +53,7 @@ def engines_agree(rank: int, world: int, task: str, trainer_tp: int):
             sync_engine(cfg, actor, gen.engine)
             after, _ = generate_sharded(gen, prompts, greedy)
         finally:
-            _close(gen)
+            _close(gen, colocation)
         results[rollout_tp] = [[(g.samples[0].token_ids, g.samples[0].logprobs) for g in out]
                                for out in (before, after)]
     return results
