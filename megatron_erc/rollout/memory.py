@@ -15,8 +15,9 @@ GIB = 1024**3
 
 def check_engine_memory(gpu_memory_utilization: float, *, device_index: int = 0,
                         mem_get_info: Callable[[], tuple[int, int]] | None = None) -> None:
-    """Raise ``ValueError`` when ``gpu_memory_utilization`` is outside ``(0, 1]`` or when
-    less than ``gpu_memory_utilization * total`` bytes are free on the device.
+    """Raise ``ValueError`` when ``gpu_memory_utilization`` is outside ``(0, 1]``, or
+    ``config_io.ConfigError`` (a ``ValueError`` the CLI reports in one line) when less than
+    ``gpu_memory_utilization * total`` bytes are free on the device.
 
     ``mem_get_info() -> (free, total)`` bytes defaults to ``torch.cuda.mem_get_info`` of
     ``device_index``; without CUDA and without an injected ``mem_get_info`` only the
@@ -34,10 +35,12 @@ def check_engine_memory(gpu_memory_utilization: float, *, device_index: int = 0,
     free, total = mem_get_info()
     wanted = gpu_memory_utilization * total
     if free < wanted:
+        from megatron_erc.config_io import ConfigError  # the CLI prints it without a traceback
+
         fits = _floor2(free / total)
         lower = (f"Lower rollout.gpu_memory_utilization to at most {fits}, or set"
                  if fits > 0 else "Set")
-        raise ValueError(
+        raise ConfigError(
             f"rollout.gpu_memory_utilization={gpu_memory_utilization} asks the engine for "
             f"{wanted / GIB:.1f} GiB of device {device_index} ({total / GIB:.1f} GiB total), but "
             f"only {free / GIB:.1f} GiB ({free / total:.0%}) is free. {lower} "

@@ -117,14 +117,19 @@ def build_engine(cfg: TrainConfig, actor, slot):
             device=actor.device)
     elif slot.is_leader:
         from megatron_erc.rollout import VLLMEngine
+        from megatron_erc.rollout.memory import check_engine_memory
+        from megatron_erc.trainer.offload import TrainerOffload
 
         # The engine's workers are processes of their own, on exactly this engine's devices
         # (vLLM's multiprocessing executor): in this process, vLLM would set up
         # torch.distributed inside the trainer's world and wait for ranks that never join,
         # and its TP workers need their own process group anyway.
-        from megatron_erc.rollout.memory import check_engine_memory
-
         r, on_gpu = cfg.rollout, actor.device.type == "cuda"
+        # colocated: the engine measures free memory at start, so the trainer's gradient
+        # buffers (and parameters, with offload_params) leave the GPU while it starts
+        off = TrainerOffload(actor, params=r.offload_params) if r.colocate and on_gpu else None
+        if off is not None:
+            off.offload()
         if on_gpu:  # a clear message instead of vLLM's traceback when the share is not free
             check_engine_memory(r.gpu_memory_utilization, device_index=actor.device.index)
         multi = dist.get_world_size() > 1 or r.tp > 1
@@ -136,6 +141,9 @@ def build_engine(cfg: TrainConfig, actor, slot):
                             dtype=cfg.parallel.params_dtype, seed=cfg.run.seed,
                             tensor_parallel_size=r.tp, devices=slot.devices,
                             multiprocessing=True if multi else None)
+        if off is not None:  # back before the initial sync; the engine sleeps after it
+            off.reload()
+            off.close()
     sync_engine(cfg, actor, engine)  # the engine starts from the actor's exact weights
     return engine, kind
 
