@@ -57,7 +57,7 @@ def _build_actor(tp: int, distributed: bool, seed: int, *, pp: int = 1,
                  OptimConfig(lr=LR, use_distributed_optimizer=distributed, warmup_steps=warmup))
 
 
-def _micro_batches(step: int) -> list[dict]:
+def _micro_batches(step: int) -> list:
     """This DP rank's share of the global batch of ``step`` (same data at any layout)."""
     from megatron.core import parallel_state as ps
 
@@ -67,8 +67,11 @@ def _micro_batches(step: int) -> list[dict]:
     mask = (torch.rand(MICRO_BATCHES, MICRO_BATCH_SIZE, SEQ, generator=g) < 0.7).float()
     dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     per = MICRO_BATCHES // dp
-    return [{"tokens": tokens[i, :, :-1].contiguous(), "labels": tokens[i, :, 1:].contiguous(),
-             "loss_mask": mask[i]} for i in range(rank * per, (rank + 1) * per)]
+    from megatron_erc.trainer.batch import MicroBatch
+
+    return [MicroBatch(tokens=tokens[i, :, :-1].contiguous(),
+                       labels=tokens[i, :, 1:].contiguous(), loss_mask=mask[i])
+            for i in range(rank * per, (rank + 1) * per)]
 
 
 def _step(actor, step: int) -> float:

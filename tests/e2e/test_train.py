@@ -118,7 +118,7 @@ def test_train_tp2_with_vllm_engine(task, tmp_path):
 
 
 def test_train_pp2_over_torchrun(task, tmp_path):
-    """Pipeline-parallel RL: the engine on the first stage gets the last stage's layers, and
+    """Pipeline-parallel RL: every rank's engine gets the other stage's layers, and
     the loss metrics computed on the last stage reach the log written by rank 0."""
     run_dir = tmp_path / "pp2"
     train(overrides(task, run_dir, 2, "parallel.pp=2"), nproc=2)
