@@ -188,7 +188,9 @@ if __name__ == "__main__":
     if "--layout" in sys.argv:
         parser = argparse.ArgumentParser(description="rollout layout benchmark")
         parser.add_argument("--layout", action="store_true")
-        parser.add_argument("--prompts", type=int, default=32)
+        # 128 prompts x 4 samples = 512 responses per round (the R1 recipe draws 256 x 8);
+        # at 32 prompts the tiny model's per-token overhead, not its batch, sets the pace
+        parser.add_argument("--prompts", type=int, default=128)
         parser.add_argument("--prompt-len", type=int, default=16)
         parser.add_argument("--tokens", type=int, default=48)
         parser.add_argument("--reps", type=int, default=5)

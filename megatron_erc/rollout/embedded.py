@@ -33,8 +33,29 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.scatter(-1, order, sorted_logits)
 
 
-Generators = torch.Generator | list[torch.Generator] | None
-"""One generator for the whole batch, one per row, or None (global RNG)."""
+class RowUniforms:
+    """Pre-drawn uniforms ``[rows, steps]``, row ``r`` from its own seed: decode step ``t``
+    takes column ``t``, so a row's draws depend on its seed alone, not on its batch (one
+    generator call per row per ``generate``, not per token)."""
+
+    def __init__(self, seeds: list[int], steps: int, device: torch.device):
+        self.table = torch.stack([torch.rand(steps, generator=torch.Generator().manual_seed(
+            s)) for s in seeds]).to(device) if seeds else torch.empty(0, steps, device=device)
+        self.step = 0
+
+    def rows(self, start: int, stop: int) -> RowUniforms:
+        out = RowUniforms.__new__(RowUniforms)
+        out.table, out.step = self.table[start:stop], 0
+        return out
+
+    def next(self) -> torch.Tensor:
+        """``[rows, 1]`` uniforms of the next decode step."""
+        self.step += 1
+        return self.table[:, self.step - 1: self.step]
+
+
+Generators = torch.Generator | RowUniforms | None
+"""One generator for the whole batch, per-row uniforms, or None (global RNG)."""
 
 
 def _inverse_cdf_draw(probs: torch.Tensor, generator: Generators) -> torch.Tensor:
@@ -45,9 +66,8 @@ def _inverse_cdf_draw(probs: torch.Tensor, generator: Generators) -> torch.Tenso
     Tokens of probability 0 (outside the top-p nucleus) are never drawn.
     """
     cdf = probs.cumsum(dim=-1)
-    if isinstance(generator, list):  # one generator per row: rows independent of the batch
-        u = torch.cat([torch.rand(1, generator=g, device=probs.device) for g in generator])
-        u = u[:, None] * cdf[:, -1:]
+    if isinstance(generator, RowUniforms):  # rows independent of the batch they are in
+        u = generator.next() * cdf[:, -1:]
     else:
         u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
@@ -120,9 +140,9 @@ class EmbeddedEngine(StagedWeightUpdates):
             if len(seeds) != len(prompt_token_ids):
                 raise ValueError(f"generate: {len(seeds)} seeds for {len(prompt_token_ids)} "
                                  "prompts")
-            rows = [torch.Generator(device=self.device).manual_seed(
-                hash((int(seed), j)) & (2**63 - 1)) for seed in seeds for j in range(n)]
-            gen_of = lambda start, stop: rows[start:stop]  # noqa: E731
+            table = RowUniforms([hash((int(seed), j)) & (2**63 - 1) for seed in seeds
+                                 for j in range(n)], sampling.max_tokens, self.device)
+            gen_of = table.rows
         else:
             gen = None
             if sampling.seed is not None:
