@@ -12,7 +12,8 @@ other way round. Parameters go after the sync because the sync reads them. The s
 when the weights changed since the engine last received them. Without colocation the same
 calls run except offload/reload (engines on separate GPUs keep their memory). On CPU, vLLM has
 no sleep mode (its sleep/wake are no-ops) and the trainer's offload goes to a spill file (see
-``offload.py``): the order and the bytes are the same as on GPU, the saving is host memory.
+``offload.py``): the order and the bytes are the same as on GPU; the freed storages return to
+glibc's heap, and to the OS only with ``rollout.cpu_trim_memory`` (``malloc_trim``).
 """
 
 from __future__ import annotations
@@ -47,14 +48,15 @@ class Colocation:
     """
 
     def __init__(self, actor, engine, *, enabled: bool, offload_params: bool = False,
-                 events: list | None = None):
+                 trim_host: bool = False, events: list | None = None):
         self.actor, self.engine, self.enabled = actor, engine, enabled
         self.events = events
         self.stale = False
         """The actor's weights changed since the engine last received them."""
-        self._state = TrainerOffload(actor, params=False) if enabled else None
-        self._params = TrainerOffload(actor, kinds=("params",)) if enabled and offload_params \
-            else None
+        self._state = TrainerOffload(actor, params=False, trim_host=trim_host) \
+            if enabled else None
+        self._params = TrainerOffload(actor, kinds=("params",), trim_host=trim_host) \
+            if enabled and offload_params else None
 
     def _note(self, name: str) -> None:
         if self.events is not None:

@@ -64,12 +64,17 @@ class TrainerOffload:
     """
 
     def __init__(self, actor, params: bool = False, *, spill_dir: str | None = None,
-                 kinds: tuple[str, ...] | None = None):
+                 kinds: tuple[str, ...] | None = None, trim_host: bool = True):
         self.actor = actor
         self.params = params
         self.kinds = kinds or tuple(k for k in KINDS if k != "params" or params)
         """What moves: a subset of ``KINDS`` (default: grads and optimizer, plus params if
         ``params``). Two instances with disjoint kinds can offload in two phases."""
+        self.trim_host = trim_host
+        """CPU only: return freed heap pages to the OS after offloading (``malloc_trim``), so
+        the resident memory really drops. It drops *every* free heap page of the process,
+        which are then faulted back in when reused (made the demo's steps 1.4x slower here);
+        without it glibc keeps the freed storages for the process's next allocations."""
         if set(self.kinds) - set(KINDS):
             raise ValueError(f"kinds must be a subset of {KINDS}, got {self.kinds}")
         self.spill_dir = spill_dir
@@ -106,7 +111,7 @@ class TrainerOffload:
             self._write_spill(moved)
         for s in moved:
             s.resize_(0)
-        _release_free_memory(self.device)
+        _release_free_memory(self.device, self.trim_host)
         self._moved = list(zip(moved, sizes, strict=True))
         self.bytes_by_kind = bytes_by_kind
         return sum(sizes)
@@ -253,9 +258,11 @@ def _device_of(actor) -> torch.device:
     raise ValueError("the actor has no parameters to offload")
 
 
-def _release_free_memory(device: torch.device) -> None:
+def _release_free_memory(device: torch.device, trim_host: bool) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
+        return
+    if not trim_host:
         return
     # glibc keeps freed heap pages mapped (optimizer state is many mid-sized tensors);
     # without the trim the resident memory of the test model dropped by a third of the bytes.

@@ -161,7 +161,8 @@ def build_generator(cfg: TrainConfig, actor, tokenizer, group, events: list | No
                           num_workers=1) if slot.is_leader else None
     engine = engine if slot.is_leader else None
     colocation = Colocation(actor, engine, enabled=cfg.rollout.colocate,
-                            offload_params=cfg.rollout.offload_params, events=events)
+                            offload_params=cfg.rollout.offload_params,
+                            trim_host=cfg.rollout.cpu_trim_memory, events=events)
     colocation.sleep()
     return Generator(slot=slot, engine=engine, grader=grader, decode=tokenizer.decode,
                      group=group), colocation, kind

@@ -28,13 +28,14 @@ from megatron_erc.trainer.batch import (
 
 def micro_batches_for_rank(groups: list[list[Sequence]], *, updates: int, dp_size: int,
                            dp_rank: int, micro_batch_size: int, seq_len: int, pad_id: int,
-                           device) -> list[list[MicroBatch]]:
+                           device, fixed_rows: bool = True) -> list[list[MicroBatch]]:
     """``[mini][micro]`` micro-batches of ``dp_rank`` for the global ``groups``.
 
     Every DP rank gets the same number of mini-batches and, per mini-batch, the same number of
-    micro-batches (the most any rank needs); missing rows and micro-batches are zero-weight
-    filler. All micro-batches of a rank share one ``[micro_batch_size, S]`` shape (pipeline
-    stages exchange activations of a fixed shape), ``S`` from its longest sequence.
+    micro-batches (the most any rank needs); a micro-batch a rank has no sequences for is a
+    zero-weight filler row. All micro-batches of a rank share one width ``S`` (from its longest
+    sequence); with ``fixed_rows`` (pipeline parallelism: stages exchange activations of one
+    shape) they also have exactly ``micro_batch_size`` rows, padded with filler rows.
     """
     plan = plan_minibatches([sum(len(s) for s in g) for g in groups], updates, dp_size)
     mine = [[s for g in mini[dp_rank] for s in groups[g]] for mini in plan]
@@ -43,8 +44,10 @@ def micro_batches_for_rank(groups: list[list[Sequence]], *, updates: int, dp_siz
     for m, seqs in enumerate(mine):
         count = max(-(-sum(len(groups[g]) for g in ids) // micro_batch_size)
                     for ids in plan[m])
-        out.append([pack(seqs[i * micro_batch_size:(i + 1) * micro_batch_size],
-                         micro_batch_size, width, pad_id, device) for i in range(max(count, 1))])
+        chunks = [seqs[i * micro_batch_size:(i + 1) * micro_batch_size]
+                  for i in range(max(count, 1))]
+        out.append([pack(c, micro_batch_size if fixed_rows else max(len(c), 1), width, pad_id,
+                         device) for c in chunks])
     return out
 
 

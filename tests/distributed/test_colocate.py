@@ -25,7 +25,7 @@ def task(tmp_path_factory):
 
 
 def test_colocated_steps_run_in_order_free_memory_and_match_a_resident_run(task, tmp_path):
-    common = ["run.steps=2", "rollout.max_gen_batches=1"]
+    common = ["run.steps=2", "rollout.max_gen_batches=1", "rollout.cpu_trim_memory=true"]
     on, off, params = run_distributed(rl_run, 1, task, [
         (str(tmp_path / "on"), common + ["rollout.colocate=true"]),
         (str(tmp_path / "off"), common + ["rollout.colocate=false"]),

@@ -87,10 +87,11 @@ def test_micro_batches_are_built_on_the_given_device_with_equal_counts_on_every_
                 for name in ("tokens", "labels", "loss_mask", "advantages", "rewards",
                              "rollout_logp"):
                     assert getattr(mb, name).device.type == "meta", name
-    cpu = micro_batches_for_rank(groups, updates=2, dp_size=2, dp_rank=0, micro_batch_size=3,
-                                 seq_len=64, pad_id=0, device="cpu")
-    cpu1 = micro_batches_for_rank(groups, updates=2, dp_size=2, dp_rank=1, micro_batch_size=3,
-                                  seq_len=64, pad_id=0, device="cpu")
+    cpu, cpu1 = (micro_batches_for_rank(groups, updates=2, dp_size=2, dp_rank=r,
+                                        micro_batch_size=3, seq_len=64, pad_id=0, device="cpu",
+                                        fixed_rows=False) for r in range(2))
+    assert [len(m) for m in cpu] == [len(m) for m in cpu1]  # equal counts without PP too
+    assert any(mb.tokens.shape[0] < 3 for m in cpu + cpu1 for mb in m)  # no filler rows
     # every response token of every group is trained exactly once across the two ranks
     masked = sum(float(mb.loss_mask.sum()) for minis in (cpu, cpu1) for m in minis for mb in m)
     assert masked == sum(len(s.response_ids) for g in groups for s in g)
