@@ -93,7 +93,8 @@ def train(cfg: TrainConfig, ctx: RunContext) -> list[dict]:
         else:  # every group had equal rewards in every round: every rank skips together
             m["skipped_steps"] = 1.0
         m = reduce_metrics(m, dp_group=actor.dp_group, pp_group=actor.pp_group)
-        if ctx.validate and (step % cfg.validation.every == 0 or step == cfg.run.steps):
+        if ctx.validate and not stopped and (step % cfg.validation.every == 0
+                                             or step == cfg.run.steps):
             m["val/accuracy"] = ctx.validate()
         m["step"] = step
         ctx.log(m)
