@@ -17,14 +17,14 @@ def test_collective_timeout_shorter_than_validation_passes(task, tmp_path):  # n
     records = [json.loads(x) for x in (task / "data" / "val.jsonl").read_text().splitlines()]
     slow = tmp_path / "slow_val.jsonl"
     slow.write_text("".join(json.dumps({**r, "answer": f"slow:{r['answer']}"}) + "\n"
-                            for r in records[:40]))
+                            for r in records[:60]))
     run_dir = tmp_path / "timeout"
-    # 12 s collective timeout; each rank grades 20 validation answers at 1 s each
+    # 15 s collective timeout; each rank grades 30 validation answers at 1 s each
     args = [a for a in overrides(task, run_dir, 1) if not a.startswith(
         ("validation.path", "rollout.reward_fn"))] + [
         f"validation.path={slow}", "validation.samples_per_prompt=1", "validation.every=1",
         "rollout.reward_fn=tests.e2e.rewards:slow_validation_reward", "rollout.reward_timeout_s=5",
-        "parallel.distributed_timeout_min=0.2"]
+        "parallel.distributed_timeout_min=0.25"]
     train(args, nproc=2, timeout=400)
     rows = metrics(run_dir)
     assert rows[-1]["step"] == 1 and rows[-1]["val/accuracy"] == 0.0
