@@ -34,19 +34,20 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 class RowUniforms:
-    """Pre-drawn uniforms ``[rows, steps]``, row ``r`` from its own seed: decode step ``t``
-    takes column ``t``, so a row's draws depend on its seed alone, not on its batch (one
-    generator call per row per ``generate``, not per token)."""
+    """Pre-drawn uniforms ``table [rows, steps]``: decode step ``t`` takes column ``t``, so
+    when each row is drawn from its own seed (``from_seeds``) its samples depend on that seed
+    alone, not on the batch it shares (one generator call per row, not per token)."""
 
-    def __init__(self, seeds: list[int], steps: int, device: torch.device):
-        self.table = torch.stack([torch.rand(steps, generator=torch.Generator().manual_seed(
-            s)) for s in seeds]).to(device) if seeds else torch.empty(0, steps, device=device)
-        self.step = 0
+    def __init__(self, table: torch.Tensor):
+        self.table, self.step = table, 0
+
+    @classmethod
+    def from_seeds(cls, seeds: list[int], steps: int, device: torch.device) -> RowUniforms:
+        rows = [torch.rand(steps, generator=torch.Generator().manual_seed(s)) for s in seeds]
+        return cls((torch.stack(rows) if rows else torch.empty(0, steps)).to(device))
 
     def rows(self, start: int, stop: int) -> RowUniforms:
-        out = RowUniforms.__new__(RowUniforms)
-        out.table, out.step = self.table[start:stop], 0
-        return out
+        return RowUniforms(self.table[start:stop])
 
     def next(self) -> torch.Tensor:
         """``[rows, 1]`` uniforms of the next decode step."""
@@ -131,7 +132,7 @@ class EmbeddedEngine(StagedWeightUpdates):
         seeds: list[int] | None = None,
     ) -> list[list[Sample]]:
         """``seeds[i]``: seed of prompt ``i``'s samples (each of its ``n`` rows draws from its
-        own generator), so a prompt's responses do not depend on the batch it shares;
+        own pre-drawn uniforms), so a prompt's responses do not depend on the batch it shares;
         otherwise ``sampling.seed`` seeds one generator for the whole call."""
         if any(len(p) == 0 for p in prompt_token_ids):
             raise ValueError("generate: every prompt needs at least one token.")
@@ -140,8 +141,8 @@ class EmbeddedEngine(StagedWeightUpdates):
             if len(seeds) != len(prompt_token_ids):
                 raise ValueError(f"generate: {len(seeds)} seeds for {len(prompt_token_ids)} "
                                  "prompts")
-            table = RowUniforms([hash((int(seed), j)) & (2**63 - 1) for seed in seeds
-                                 for j in range(n)], sampling.max_tokens, self.device)
+            table = RowUniforms.from_seeds([hash((int(seed), j)) & (2**63 - 1) for seed in seeds
+                                            for j in range(n)], sampling.max_tokens, self.device)
             gen_of = table.rows
         else:
             gen = None

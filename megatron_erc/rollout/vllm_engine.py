@@ -13,6 +13,7 @@ byte is sent (see ``weight_sync.py`` for why updates are staged and committed at
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -74,6 +75,24 @@ def cpu_bind_list(workers: int) -> str:
         share = cores[(w * per) % len(cores):][:per] or cores[:per]
         shares.append(f"{share[0]}-{share[-1]}" if len(share) > 1 else str(share[0]))
     return "|".join(shares)
+
+
+@contextlib.contextmanager
+def _visible_devices(devices: tuple[int, ...] | None):
+    """``CUDA_VISIBLE_DEVICES`` = ``devices`` while vLLM spawns its workers (they read it at
+    start), restored afterwards; None changes nothing."""
+    if devices is None:
+        yield
+        return
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in devices)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = before
 
 
 CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
@@ -150,41 +169,25 @@ class VLLMEngine(StagedWeightUpdates):
             llm_kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         else:
             llm_kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        if on_gpu and devices is not None:
-            if len(devices) != tensor_parallel_size:
-                raise ValueError(f"{len(devices)} devices for tensor_parallel_size "
-                                 f"{tensor_parallel_size}")
-            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in devices)
-        try:
-            self.llm = self._build(vllm, model_dir, dtype or ("bfloat16" if on_gpu else "float32"),
-                                   enforce_eager, max_model_len, seed, enable_sleep_mode,
-                                   tensor_parallel_size, llm_kwargs)
-        finally:
-            if on_gpu and devices is not None:
-                if visible is None:
-                    os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-                else:
-                    os.environ["CUDA_VISIBLE_DEVICES"] = visible
-
-    @staticmethod
-    def _build(vllm, model_dir, dtype, enforce_eager, max_model_len, seed, enable_sleep_mode,
-               tensor_parallel_size, llm_kwargs):
-        return vllm.LLM(
-            model=os.fspath(model_dir),
-            dtype=dtype,
-            enforce_eager=enforce_eager,
-            max_model_len=max_model_len,
-            tensor_parallel_size=tensor_parallel_size,
-            seed=seed,
-            # Log-probs of the distribution sampled from (temperature, top-p), like the embedded
-            # engine; vLLM's default is the raw T=1 log-softmax.
-            logprobs_mode="processed_logprobs",
-            worker_extension_cls=f"{__name__}.WeightReloadExtension",
-            skip_tokenizer_init=llm_kwargs.pop("skip_tokenizer_init", True),
-            enable_sleep_mode=enable_sleep_mode,
-            **llm_kwargs,
-        )
+        if devices is not None and len(devices) != tensor_parallel_size:
+            raise ValueError(f"{len(devices)} devices for tensor_parallel_size "
+                             f"{tensor_parallel_size}")
+        with _visible_devices(devices if on_gpu else None):
+            self.llm = vllm.LLM(
+                model=os.fspath(model_dir),
+                dtype=dtype or ("bfloat16" if on_gpu else "float32"),
+                enforce_eager=enforce_eager,
+                max_model_len=max_model_len,
+                tensor_parallel_size=tensor_parallel_size,
+                seed=seed,
+                # Log-probs of the distribution sampled from (temperature, top-p), like the embedded
+                # engine; vLLM's default is the raw T=1 log-softmax.
+                logprobs_mode="processed_logprobs",
+                worker_extension_cls=f"{__name__}.WeightReloadExtension",
+                skip_tokenizer_init=llm_kwargs.pop("skip_tokenizer_init", True),
+                enable_sleep_mode=enable_sleep_mode,
+                **llm_kwargs,
+            )
 
     def generate(
         self, prompt_token_ids: list[list[int]], sampling: SamplingConfig,

@@ -176,6 +176,15 @@ class Actor:
         tp = self.tp_group if self.parallel.tp > 1 else None
         return iter_hf_weights(self.model, self.hf_config, tp_group=tp)
 
+    def full_hf_weights(self):
+        """The whole model's ``(hf_name, full tensor)`` pairs on every rank (weight sync into
+        each rank's engine, HF export). Every rank must exhaust the iterator: TP ranks gather
+        their shards in lockstep, each pipeline stage broadcasts its layers to the others."""
+        from megatron_erc.models.pipeline_weights import all_stage_weights
+
+        weights = self.hf_weights()
+        return all_stage_weights(weights, self.pp_group) if self.parallel.pp > 1 else weights
+
     def step(self) -> tuple[bool, float]:
         """Optimizer step. Returns ``(applied, grad_norm)``; a non-finite grad norm skips it.
 
@@ -203,6 +212,15 @@ class Actor:
             return False, norm
         self.lr_scheduler.step(increment=1)
         return True, norm
+
+
+def torch_optimizers(optimizer) -> list:
+    """The ``torch.optim`` optimizers (state, parameter groups) inside a (chained) megatron
+    optimizer."""
+    inner = getattr(optimizer, "chained_optimizers", None)
+    if inner is not None:
+        return [t for o in inner for t in torch_optimizers(o)]
+    return [optimizer.optimizer] if getattr(optimizer, "optimizer", None) is not None else []
 
 
 def _call_loss(loss_fn: LossFn, batch: MicroBatch, undo_scale: int, output: torch.Tensor):

@@ -41,6 +41,7 @@ import torch.distributed as dist
 
 from megatron_erc.models.hf_checkpoint import FORMAT as MODEL_FORMAT
 from megatron_erc.models.hf_checkpoint import HF_SUBDIR, META_FILE
+from megatron_erc.trainer.actor import torch_optimizers
 
 logger = logging.getLogger(__name__)
 
@@ -110,14 +111,6 @@ def _sharded_state_dict(actor, *, is_loading: bool) -> dict:
     return state
 
 
-def _torch_optimizers(optimizer) -> list:
-    """The ``torch.optim`` optimizers inside a (chained) megatron optimizer."""
-    inner = getattr(optimizer, "chained_optimizers", None)
-    if inner is not None:
-        return [t for o in inner for t in _torch_optimizers(o)]
-    return [optimizer.optimizer] if getattr(optimizer, "optimizer", None) is not None else []
-
-
 def _is_distributed(optimizer) -> bool:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
@@ -132,7 +125,7 @@ def _init_empty_optimizer_state(optimizer) -> None:
     when building the state dict it loads into, and asserts on an empty state (a freshly
     built actor). The values are overwritten by the load.
     """
-    for opt in _torch_optimizers(optimizer):
+    for opt in torch_optimizers(optimizer):
         for group in opt.param_groups:
             for p in group["params"]:
                 state = opt.state[p]
@@ -151,7 +144,7 @@ def _untie_adam_steps(optimizer) -> None:
     bias correction of every later step. A checkpoint written before the first optimizer
     step has no step at all (torch Adam then raises ``KeyError: 'step'``): start at 0.
     """
-    for opt in _torch_optimizers(optimizer):
+    for opt in torch_optimizers(optimizer):
         for state in opt.state.values():
             step = state.get("step")
             state["step"] = (step.detach().clone().float() if torch.is_tensor(step)

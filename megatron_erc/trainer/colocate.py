@@ -19,12 +19,15 @@ glibc's heap, and to the OS only with ``rollout.cpu_trim_memory`` (``malloc_trim
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Iterator
 
 import torch
 
 from megatron_erc.trainer.offload import TrainerOffload
+
+log = logging.getLogger(__name__)
 
 
 def resident_bytes(device: torch.device) -> int:
@@ -42,15 +45,14 @@ def resident_bytes(device: torch.device) -> int:
 class Colocation:
     """This rank's phase switching between training and generation (see module docstring).
 
-    ``events``: when a list is given, each phase transition is appended to it by name
-    (``offload``, ``wake_up:weights``, ``sync``, ``offload_params``, ``wake_up:kv_cache``,
-    ``sleep``, ``reload``), so tests and debugging see the order that ran.
+    Each phase transition passes through ``_note`` by name (``offload``, ``wake_up:weights``,
+    ``sync``, ``offload_params``, ``wake_up:kv_cache``, ``sleep``, ``reload``) and is logged
+    at debug level: the order that ran, for debugging and for the lifecycle test.
     """
 
     def __init__(self, actor, engine, *, enabled: bool, offload_params: bool = False,
-                 trim_host: bool = False, events: list | None = None):
+                 trim_host: bool = False):
         self.actor, self.engine, self.enabled = actor, engine, enabled
-        self.events = events
         self.stale = False
         """The actor's weights changed since the engine last received them."""
         self._state = TrainerOffload(actor, params=False, trim_host=trim_host) \
@@ -59,8 +61,7 @@ class Colocation:
             if enabled and offload_params else None
 
     def _note(self, name: str) -> None:
-        if self.events is not None:
-            self.events.append(name)
+        log.debug("colocation: %s", name)
 
     def sleep(self) -> None:
         """Engine memory off the device (the trainer is about to use it)."""

@@ -158,11 +158,10 @@ def combine(name: str, values: list[float]) -> float:
     return float(sum(finite) / len(finite)) if finite else float("nan")
 
 
-def reduce_metrics(m: dict, *, dp_group, pp_group, group=None) -> dict:
+def reduce_metrics(m: dict, *, dp_group, pp_group) -> dict:
     """Step metrics of the whole job. Loss metrics exist on the last pipeline stage only:
     they are first copied to the other stages over ``pp_group``; then every metric is
-    combined over ``dp_group`` by its declared reduction (``group``: the object process
-    group for the gather, None: the default one is used when ``dp_group`` is)."""
+    combined over ``dp_group`` by its declared reduction."""
     import torch.distributed as dist
 
     if dist.get_world_size(pp_group) > 1:

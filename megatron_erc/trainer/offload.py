@@ -50,6 +50,8 @@ import tempfile
 
 import torch
 
+from megatron_erc.trainer.actor import torch_optimizers
+
 KINDS = ("grads", "optimizer", "params")
 
 
@@ -66,7 +68,6 @@ class TrainerOffload:
     def __init__(self, actor, params: bool = False, *, spill_dir: str | None = None,
                  kinds: tuple[str, ...] | None = None, trim_host: bool = True):
         self.actor = actor
-        self.params = params
         self.kinds = kinds or tuple(k for k in KINDS if k != "params" or params)
         """What moves: a subset of ``KINDS`` (default: grads and optimizer, plus params if
         ``params``). Two instances with disjoint kinds can offload in two phases."""
@@ -78,7 +79,7 @@ class TrainerOffload:
         if set(self.kinds) - set(KINDS):
             raise ValueError(f"kinds must be a subset of {KINDS}, got {self.kinds}")
         self.spill_dir = spill_dir
-        self.device = _device_of(actor)
+        self.device = actor.device
         self.bytes_by_kind: dict[str, int] = dict.fromkeys(KINDS, 0)
         """Bytes moved by the last ``offload()``, per kind (``params`` is 0 unless moved)."""
         self._moved: list[tuple[torch.UntypedStorage, int]] | None = None
@@ -173,7 +174,7 @@ class TrainerOffload:
                 add("grads", buf.grad_data)
             for p in chunk.parameters():
                 add("grads", getattr(p, "main_grad", None))
-        for inner in _torch_optimizers(self.actor.optimizer):
+        for inner in torch_optimizers(self.actor.optimizer):
             for group in inner.param_groups:
                 for p in group["params"]:
                     add("optimizer", p)
@@ -241,21 +242,6 @@ def _ddp_buffers(chunk) -> list:
         if isinstance(bufs, (list, tuple)):
             out.extend(bufs)
     return out
-
-
-def _torch_optimizers(opt) -> list:
-    """The torch optimizers (state and parameter groups) under megatron's wrappers."""
-    inners = getattr(opt, "chained_optimizers", [opt])
-    return [i.optimizer for i in inners if getattr(i, "optimizer", None) is not None]
-
-
-def _device_of(actor) -> torch.device:
-    for chunk in actor.model:
-        for buf in _ddp_buffers(chunk):
-            return buf.grad_data.device
-        for p in chunk.parameters():
-            return p.device
-    raise ValueError("the actor has no parameters to offload")
 
 
 def _release_free_memory(device: torch.device, trim_host: bool) -> None:

@@ -22,16 +22,13 @@ log = logging.getLogger(__name__)
 def setup_parallel(cfg: TrainConfig):
     """Process group and megatron's parallel state, every collective under
     ``parallel.distributed_timeout_min``."""
-    import datetime
-
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     from megatron_erc import platform
     from megatron_erc.platform.distributed import init_process_group
 
-    timeout = cfg.parallel.distributed_timeout_min
-    plat = init_process_group(platform.setup(), timeout=datetime.timedelta(minutes=timeout))
+    plat = init_process_group(platform.setup(), timeout=_timeout(cfg))
     if ps.model_parallel_is_initialized():  # e.g. sft then train in one process
         return plat
     world = dist.get_world_size()
@@ -40,7 +37,8 @@ def setup_parallel(cfg: TrainConfig):
         raise ValueError(f"world size {world} is not a multiple of parallel.tp * parallel.pp "
                          f"= {mp}; launch a multiple of {mp} ranks")
     platform.init_model_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp,
-                                 seed=cfg.run.seed, distributed_timeout_minutes=timeout)
+                                 seed=cfg.run.seed,
+                                 distributed_timeout_minutes=cfg.parallel.distributed_timeout_min)
     return plat
 
 
@@ -48,14 +46,17 @@ def object_group(cfg: TrainConfig):
     """Group for gathering Python objects (generated tokens, rewards, metrics): a gloo side
     group when the default one is NCCL (which moves device tensors only), else None (the
     default group)."""
-    import datetime
-
     import torch.distributed as dist
 
     if dist.get_backend() != "nccl":
         return None
-    return dist.new_group(backend="gloo", timeout=datetime.timedelta(
-        minutes=cfg.parallel.distributed_timeout_min))
+    return dist.new_group(backend="gloo", timeout=_timeout(cfg))
+
+
+def _timeout(cfg: TrainConfig):
+    import datetime
+
+    return datetime.timedelta(minutes=cfg.parallel.distributed_timeout_min)
 
 
 def build_actor(cfg: TrainConfig):
@@ -148,7 +149,7 @@ def build_engine(cfg: TrainConfig, actor, slot):
     return engine, kind
 
 
-def build_generator(cfg: TrainConfig, actor, tokenizer, group, events: list | None = None):
+def build_generator(cfg: TrainConfig, actor, tokenizer, group):
     """Engine, grader and slot of this rank (``rollouts.Generator``) and the memory phases
     around its generations (``colocate.Colocation``; the engine starts asleep)."""
     from megatron_erc.rewards import RewardGrader
@@ -159,10 +160,9 @@ def build_generator(cfg: TrainConfig, actor, tokenizer, group, events: list | No
     engine, kind = build_engine(cfg, actor, slot)
     grader = RewardGrader(cfg.rollout.reward_fn, timeout_s=cfg.rollout.reward_timeout_s,
                           num_workers=1) if slot.is_leader else None
-    engine = engine if slot.is_leader else None
     colocation = Colocation(actor, engine, enabled=cfg.rollout.colocate,
                             offload_params=cfg.rollout.offload_params,
-                            trim_host=cfg.rollout.cpu_trim_memory, events=events)
+                            trim_host=cfg.rollout.cpu_trim_memory)
     colocation.sleep()
     return Generator(slot=slot, engine=engine, grader=grader, decode=tokenizer.decode,
                      group=group), colocation, kind
@@ -282,6 +282,7 @@ def _validator(cfg: TrainConfig, tokenizer, generator, colocation, actor):
                               top_p=v.top_p if v.temperature > 0 else 1.0,
                               max_tokens=cfg.rollout.max_response_tokens, seed=cfg.run.seed,
                               stop_token_ids=(tokenizer.eos_token_id,))
+
     def validate() -> float:
         with colocation.rollout(lambda: sync_engine(cfg, actor, generator.engine)):
             return validation_accuracy(generator, prompts, sampling)

@@ -146,9 +146,7 @@ def export_hf(actor, out: Path, model_cfg) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         writer = SafetensorsWriter(tmp, 2 << 30)
-    from megatron_erc.trainer.steps import engine_weights
-
-    for name, tensor in engine_weights(actor):
+    for name, tensor in actor.full_hf_weights():
         if rank0:
             writer.add(name, tensor)
     if rank0:

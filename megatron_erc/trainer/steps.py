@@ -107,27 +107,13 @@ def update(cfg, actor, mini: list[MicroBatch]) -> dict:
     return out
 
 
-def engine_weights(actor):
-    """The whole model as HF ``(name, tensor)`` pairs on every rank. Every rank must exhaust
-    the iterator: TP ranks gather their shards in lockstep, each pipeline stage broadcasts
-    its layers to the other stages."""
-    from megatron.core import parallel_state as ps
-
-    from megatron_erc.models.pipeline_weights import all_stage_weights
-
-    weights = actor.hf_weights()
-    if actor.parallel.pp > 1:
-        weights = all_stage_weights(weights, ps.get_pipeline_model_parallel_group())
-    return weights
-
-
 def sync_engine(cfg, actor, engine) -> dict:
     """Stream the updated weights into this rank's engine in buckets (every rank calls it;
     ranks without an engine, the non-leader ranks of a tensor-parallel engine, only take part
     in the gathers)."""
     from megatron_erc.rollout import sync_weights
 
-    weights = engine_weights(actor)
+    weights = actor.full_hf_weights()
     if engine is None:
         for _ in weights:
             pass

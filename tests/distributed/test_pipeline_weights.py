@@ -1,5 +1,5 @@
 """Every rank (each hosts or drives a rollout engine) receives the whole model: at PP=2 and
-TP2 x PP2, ``engine_weights`` yields on every rank exactly the HF tensors that an independent
+TP2 x PP2, ``Actor.full_hf_weights`` yields on every rank exactly the HF tensors that an independent
 all-gather of every stage's weights gives, each once."""
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ def stream(rank: int, world: int, tp: int, pp: int):
     from megatron_erc import platform
     from megatron_erc.models import ParallelConfig
     from megatron_erc.trainer.actor import Actor, OptimConfig
-    from megatron_erc.trainer.steps import engine_weights
 
     platform.setup()
     platform.init_model_parallel(tp, pp, seed=3)
@@ -31,7 +30,7 @@ def stream(rank: int, world: int, tp: int, pp: int):
     torch.manual_seed(3)
     actor = Actor(AutoConfig.for_model(d.pop("model_type"), **d), ParallelConfig(tp=tp, pp=pp),
                   OptimConfig(lr=1e-3))
-    got = [(n, t.clone()) for n, t in engine_weights(actor)]
+    got = [(n, t.clone()) for n, t in actor.full_hf_weights()]
     # the reference: every stage's (TP-gathered) tensors, all-gathered as objects
     mine = {n: t.clone() for n, t in actor.hf_weights()}
     stages = [None] * pp

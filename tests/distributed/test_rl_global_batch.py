@@ -1,6 +1,6 @@
 """The RL step at any layout: one global batch per step, decided the same way on every rank.
 
-World 1, DP=2, TP=2 and DP=2 x TP=2 run the real loop (``run_train``, embedded engines, one
+World 1, DP=2, TP=2, PP=2 and DP=2 x TP=2 run the real loop (``run_train``, embedded engines, one
 per rank, per-prompt sampling seeds). Step 1 must train the same prompts with the same loss and
 gradient norm everywhere; with a reward that makes some groups all-equal, data-parallel
 replicas still run the same optimizer steps and micro-batches; a step that keeps nothing is
@@ -69,9 +69,12 @@ def test_dp2_one_global_batch_equal_steps_and_a_joint_skip(task, tmp_path, world
         assert c["history"][0]["dynamic_sampling/rounds"] == 2
 
 
-def test_tp2_trains_the_same_step_as_one_rank(task, tmp_path, world1):
+@pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.pp=2"])
+def test_tp2_or_pp2_trains_the_same_step_as_one_rank(task, tmp_path, world1, layout):
+    # pp=2 also runs the fixed-shape micro-batches (filler rows) and the stage broadcast of
+    # the weight sync
     ranks = run_distributed(rl_run, 2, task,
-                            [(str(tmp_path / "tp2"), HALF + ["run.steps=1", "parallel.tp=2"])],
+                            [(str(tmp_path / "mp2"), HALF + ["run.steps=1", layout])],
                             timeout=600)
     _same_step1(_step1(world1), _step1(ranks[0][0]))
     assert ranks[0][0]["kept"] == ranks[1][0]["kept"]
