@@ -7,38 +7,46 @@ the logits serves both.
 
 Layout follows Megatron's ``vocab_parallel_cross_entropy``: collective-free local helpers
 (``_local_*``) and one ``torch.autograd.Function`` that does the reductions over the group
-it is given. Nothing reads Megatron's global ``parallel_state``.
+it is given (``softmax_stats.combine_over_group``). Nothing reads Megatron's global
+``parallel_state``.
 
-Per token, with ``u = z / temperature`` over the (unpadded) global vocabulary::
+Forward, one pass: each tile of this rank's logits is read once and folded into running
+per-token statistics with the online-softmax rescaling (``u = z / temperature``)::
 
-    m      = max_v u_v                       all_reduce MAX over tp_group
-    S      = sum_v exp(u_v - m)              \\
-    A      = sum_v exp(u_v - m) (u_v - m)     } one all_reduce SUM of a stacked [4, T]
-    z_t    = z[label] (0 off-rank), hit      /
-    logp   = (z_t / temperature - m) - log S
-    H      = log S - A / S                   (= -sum_v p_v log p_v)
+    m = max_v u_v,   s = sum_v exp(u_v - m),   a = sum_v exp(u_v - m) (u_v - m)
 
-Backward recomputes the softmax chunk by chunk from the saved logits (as given, no fp32
-copy) and the per-token ``m`` and ``log S``:
+then the ranks' ``(m, s, a, z_label)`` are combined with an all_reduce MAX of ``[T]`` and
+one all_reduce SUM of ``[4, T]``::
+
+    logp = z_label / temperature - m - log s
+    H    = log s - a / s                       (= -sum_v p_v log p_v)
+
+Backward recomputes the softmax tile by tile from the saved logits (as given, no fp32
+copy) and the per-token ``shift = m + log s``, and writes each gradient element once::
 
     dlogp/dz_v = (onehot_v(label) - p_v) / temperature
     dH/dz_v    = -p_v (log p_v + H) / temperature
+
+Tiles: on CPU a few hundred KiB (the logits tile and its two fp32 work buffers stay in
+cache, so every elementwise step after the first read is a cache hit); on GPUs
+``chunk_size`` rows of the whole local vocabulary (few large kernels). The work buffers
+never exceed two fp32 ``[chunk_size, V/tp]``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 import torch.distributed as dist
 
-__all__ = ["logprobs_and_entropy"]
+from megatron_erc.ops.softmax_stats import combine_over_group, merge_into, vocab_shard
 
+__all__ = ["logprobs_and_entropy", "chunk_rows"]
 
-# ----------------------------------------------------------------------------------------
-# Collective-free local helpers. ``x`` is always the 2-D view ``[T, V_local]`` restricted
-# to the non-padding columns ``[:, :n_valid]``; ``shift`` is ``[T]`` fp32.
-# ----------------------------------------------------------------------------------------
+# CPU tiles: 256 Ki elements (1 MiB in fp32) and at most 32 Ki vocabulary columns; measured
+# on 4096 x 16384 fp32 logits (one thread), 4-5x faster than whole-chunk passes, and
+# within noise of anything from 64 Ki to 512 Ki elements.
+_CPU_TILE_ELEMS = 1 << 18
+_CPU_TILE_COLS = 1 << 15
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -46,92 +54,137 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _row_chunks(num_rows: int, chunk: int) -> Iterator[slice]:
-    for start in range(0, num_rows, chunk):
-        yield slice(start, min(start + chunk, num_rows))
+def _tile_shape(device: torch.device, num_rows: int, n_valid: int, chunk: int
+                ) -> tuple[int, int]:
+    """``(rows, cols)`` of one tile of the ``[num_rows, n_valid]`` local logits."""
+    cols = max(n_valid, 1)
+    if device.type == "cpu":
+        cols = min(cols, _CPU_TILE_COLS)
+        return max(1, min(chunk, num_rows, _CPU_TILE_ELEMS // cols)), cols
+    return max(1, min(chunk, num_rows)), cols
 
 
-def _scaled_minus(x: torch.Tensor, shift: torch.Tensor, inv_temp: float) -> torch.Tensor:
-    """``inv_temp * x - shift[:, None]`` as a new fp32 tensor ``[C, V]`` in one kernel.
+def _tiles(num: int, size: int):
+    for start in range(0, num, size):
+        yield start, min(start + size, num)
 
-    Type promotion does the fp32 upcast of bf16 ``x`` element by element, so no separate
-    fp32 copy of ``x`` is made.
-    """
+
+# ----------------------------------------------------------------------------------------
+# Collective-free local helpers. ``x`` is always the 2-D view ``[T, V_local]`` restricted
+# to the non-padding columns ``[:, :n_valid]``.
+# ----------------------------------------------------------------------------------------
+
+
+def _scaled_minus(x: torch.Tensor, neg_shift: torch.Tensor, inv_temp: float,
+                  out: torch.Tensor) -> torch.Tensor:
+    """``out = inv_temp * x + neg_shift[:, None]`` in one kernel (``x`` promoted to
+    ``out``'s dtype element by element: no separate fp32 copy of ``x``)."""
     if inv_temp == 1.0:
-        return torch.sub(x, shift.unsqueeze(-1))
-    return torch.add(shift.neg().unsqueeze(-1), x, alpha=inv_temp)
+        return torch.add(x, neg_shift.unsqueeze(-1), out=out)
+    return torch.add(neg_shift.unsqueeze(-1), x, alpha=inv_temp, out=out)
 
 
-def _local_max(x: torch.Tensor, inv_temp: float, acc_dtype: torch.dtype) -> torch.Tensor:
-    """Per-row max of ``x / temperature`` over this slice: ``[T, V] -> [T]`` in
-    ``acc_dtype``.
+def _local_stats(x: torch.Tensor, inv_temp: float, rows: int, cols: int,
+                 acc_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This slice's ``(m, s, a)`` (``[T]`` each, ``acc_dtype``) in one read of ``x``.
 
-    Dividing by a positive temperature commutes with max, so this reads ``x`` as given.
-    An all-padding slice contributes ``-inf``.
+    Tiles of ``rows x cols`` are read once each; within a tile the max, exp and both sums
+    work on cached data; tiles of the same rows merge by online-softmax rescaling. An
+    all-padding slice is the empty part ``(-inf, 0, 0)``.
     """
-    if x.shape[-1] == 0:
-        return torch.full(x.shape[:1], float("-inf"), dtype=acc_dtype, device=x.device)
-    return x.amax(dim=-1).to(acc_dtype).mul_(inv_temp)
-
-
-def _local_sums(x: torch.Tensor, gmax: torch.Tensor, inv_temp: float, chunk: int,
-                out: torch.Tensor) -> None:
-    """Fill ``out[0] = sum exp(u - m)`` and ``out[1] = sum exp(u - m) (u - m)`` over this
-    slice, ``chunk`` rows at a time (``x``: ``[T, V]``, ``gmax``/``out[i]``: ``[T]``).
-
-    Peak extra memory is two fp32 ``[chunk, V]`` buffers; accumulation is fp32.
-    """
-    if x.shape[-1] == 0:
-        out[:2].zero_()
-        return
-    for rows in _row_chunks(x.shape[0], chunk):
-        y = _scaled_minus(x[rows], gmax[rows], inv_temp)
-        e = torch.exp(y)
-        torch.sum(e, dim=-1, out=out[0, rows])
-        torch.sum(e.mul_(y), dim=-1, out=out[1, rows])
-        del y, e
+    num_rows, width = x.shape
+    kw = {"dtype": acc_dtype, "device": x.device}
+    m, s, a = (torch.empty(num_rows, **kw) for _ in range(3))
+    if width == 0:
+        m.fill_(float("-inf"))
+        s.zero_()
+        a.zero_()
+        return m, s, a
+    y_buf = torch.empty(rows * min(cols, width), **kw)
+    e_buf = torch.empty_like(y_buf)
+    for r0, r1 in _tiles(num_rows, rows):
+        n = r1 - r0
+        for c0, c1 in _tiles(width, cols):
+            xt = x[r0:r1, c0:c1]
+            y = y_buf[:n * (c1 - c0)].view(n, c1 - c0)
+            e = e_buf[:n * (c1 - c0)].view(n, c1 - c0)
+            first = c0 == 0
+            m_t = xt.amax(dim=-1).to(acc_dtype).mul_(inv_temp)
+            s_t = s[r0:r1] if first else torch.empty(n, **kw)
+            a_t = a[r0:r1] if first else torch.empty(n, **kw)
+            _scaled_minus(xt, m_t.neg(), inv_temp, out=y)
+            torch.exp(y, out=e)
+            torch.sum(e, dim=-1, out=s_t)
+            torch.linalg.vecdot(e, y, out=a_t)
+            if first:
+                m[r0:r1] = m_t
+            else:
+                merge_into(m[r0:r1], s[r0:r1], a[r0:r1], m_t, s_t, a_t)
+    return m, s, a
 
 
 def _local_target(x: torch.Tensor, labels: torch.Tensor, vocab_start: int,
-                  out: torch.Tensor) -> None:
-    """Fill ``out[0]`` with the raw logit of each row's label when this slice owns it
-    (else 0) and ``out[1]`` with 1.0 where owned (else 0): ``[T, V], [T] -> [2, T]``."""
+                  acc_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw logit of each row's label where this slice owns it (else 0) and a 1/0 hit flag:
+    ``[T, V], [T] -> [T], [T]``."""
     local = labels - vocab_start
     hit = (local >= 0) & (local < x.shape[-1])
     if x.shape[-1] == 0:
-        out.zero_()
-        return
+        return (torch.zeros(labels.shape, dtype=acc_dtype, device=x.device),
+                hit.to(acc_dtype))
     picked = x.gather(-1, local.clamp(0, x.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
-    out[0].copy_(picked).masked_fill_(~hit, 0.0)
-    out[1].copy_(hit)
+    return picked.to(acc_dtype).masked_fill_(~hit, 0.0), hit.to(acc_dtype)
 
 
-def _local_grad(x: torch.Tensor, labels: torch.Tensor, vocab_start: int, shift: torch.Tensor,
-                inv_temp: float, g_logp: torch.Tensor, g_ent: torch.Tensor | None,
-                entropy: torch.Tensor | None) -> torch.Tensor:
-    """Gradient w.r.t. one chunk of local logits ``x`` (``[C, V]``), fp32 ``[C, V]``.
+def _local_grad_into(grad: torch.Tensor, x: torch.Tensor, local_labels: torch.Tensor,
+                     shift: torch.Tensor, inv_temp: float, g_logp: torch.Tensor,
+                     g_ent: torch.Tensor | None, entropy: torch.Tensor | None, rows: int,
+                     cols: int) -> None:
+    """Write the gradient w.r.t. ``x`` (``[T, V]``) into ``grad`` (same shape, the logits'
+    dtype), tile by tile; each element of ``grad`` is written once (fp32 logits: computed
+    in place; bf16: in an fp32 tile buffer, then rounded once).
 
-    ``shift = m + log S`` so that ``inv_temp * x - shift = log p``. ``g_logp``, ``g_ent``,
-    ``entropy``: ``[C]``. Rows whose label lives on another rank get no one-hot term.
+    ``shift = m + log s`` so that ``inv_temp * x - shift = log p``. ``g_logp``, ``g_ent``,
+    ``entropy``: ``[T]``. ``local_labels = labels - vocab_start``; rows whose label lives
+    on another rank get no one-hot term.
     """
-    if x.shape[-1] == 0:  # an all-padding slice
-        return torch.empty(x.shape, dtype=shift.dtype, device=x.device)
-    logp = _scaled_minus(x, shift, inv_temp)
+    num_rows, width = x.shape
+    if width == 0:
+        return
+    acc_dtype = shift.dtype
+    kw = {"dtype": acc_dtype, "device": x.device}
+    direct = grad.dtype == acc_dtype
+    neg_shift = shift.neg()
+    onehot_val = g_logp * inv_temp
     if g_ent is None:
-        grad = logp.exp_().mul_(g_logp.mul(-inv_temp).unsqueeze(-1))
-    else:
-        # -p * (g_logp + g_ent * (log p + H)) / T
-        p = torch.exp(logp)
-        coef = logp.add_(entropy.unsqueeze(-1)).mul_(g_ent.unsqueeze(-1))
-        coef.add_(g_logp.unsqueeze(-1))
-        grad = p.mul_(coef).mul_(-inv_temp)
-        del logp, coef
-    # One-hot term as a masked scatter (no data-dependent indexing, so no host sync).
-    local = labels - vocab_start
-    hit = (local >= 0) & (local < x.shape[-1])
-    onehot = torch.where(hit, g_logp * inv_temp, 0.0).unsqueeze(-1)
-    grad.scatter_add_(-1, local.clamp(0, x.shape[-1] - 1).unsqueeze(-1), onehot)
-    return grad
+        p_scale = g_logp * -inv_temp  # grad = -p g_logp / T
+    else:  # grad = -p (g_logp + g_ent (log p + H)) / T = p (k1 log p + k0)
+        k1 = g_ent * -inv_temp
+        k0 = torch.addcmul(g_logp, g_ent, entropy).mul_(-inv_temp)
+        lp_buf = torch.empty(rows * min(cols, width), **kw)
+    if not direct:
+        out_buf = torch.empty(rows * min(cols, width), **kw)
+    for c0, c1 in _tiles(width, cols):
+        k = c1 - c0
+        within = local_labels - c0
+        hit = (within >= 0) & (within < k)
+        idx = within.clamp_(0, k - 1).unsqueeze(-1)
+        val = torch.where(hit, onehot_val, 0.0).unsqueeze(-1)
+        for r0, r1 in _tiles(num_rows, rows):
+            xt = x[r0:r1, c0:c1]
+            dst = grad[r0:r1, c0:c1] if direct else out_buf[:(r1 - r0) * k].view(r1 - r0, k)
+            if g_ent is None:
+                _scaled_minus(xt, neg_shift[r0:r1], inv_temp, out=dst)
+                dst.exp_().mul_(p_scale[r0:r1].unsqueeze(-1))
+            else:
+                lp = lp_buf[:(r1 - r0) * k].view(r1 - r0, k)
+                _scaled_minus(xt, neg_shift[r0:r1], inv_temp, out=lp)
+                torch.exp(lp, out=dst)
+                lp.mul_(k1[r0:r1].unsqueeze(-1)).add_(k0[r0:r1].unsqueeze(-1))
+                dst.mul_(lp)
+            dst.scatter_add_(-1, idx[r0:r1], val[r0:r1])
+            if not direct:
+                grad[r0:r1, c0:c1].copy_(dst)
 
 
 # ----------------------------------------------------------------------------------------
@@ -150,30 +203,15 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
         v_local = logits.shape[-1]
         x = logits.reshape(-1, v_local)[:, :n_valid]
         flat_labels = labels.reshape(-1)
-        num_rows = x.shape[0]
-        distributed = group is not None and dist.get_world_size(group) > 1
-
         acc_dtype = _acc_dtype(logits.dtype)
-        gmax = _local_max(x, inv_temp, acc_dtype)
-        if distributed:
-            dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=group)
+        rows, cols = _tile_shape(logits.device, x.shape[0], n_valid, chunk)
 
-        stats = torch.empty(4, num_rows, dtype=acc_dtype, device=logits.device)
-        _local_sums(x, gmax, inv_temp, chunk, stats[:2])
-        _local_target(x, flat_labels, vocab_start, stats[2:])
-        if distributed:
-            dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
-        sum_exp, sum_exp_u, target, hits = stats
+        m, s, a = _local_stats(x, inv_temp, rows, cols, acc_dtype)
+        target, hits = _local_target(x, flat_labels, vocab_start, acc_dtype)
+        logp, entropy, shift = combine_over_group(m, s, a, target, hits, inv_temp, group)
 
-        log_sum_exp = sum_exp.log()
-        entropy = log_sum_exp - sum_exp_u / sum_exp
-        logp = target.mul_(inv_temp).sub_(gmax).sub_(log_sum_exp)
-        # A label outside [0, vocab_size) (padding id, ignore index) has zero probability.
-        logp.masked_fill_(hits == 0, float("-inf"))
-
-        shift = gmax.add_(log_sum_exp)  # log p = inv_temp * z - shift
         ctx.meta = (vocab_start, n_valid, inv_temp, chunk, entropy_grad)
-        logp = logp.clone().view(labels.shape)  # not a view of the [4, T] stats buffer
+        logp = logp.view(labels.shape)
         entropy_out = entropy.view(labels.shape)
         if entropy_grad:
             ctx.save_for_backward(logits, labels, shift, entropy)
@@ -190,31 +228,22 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
         entropy = rest[0] if entropy_grad else None
         v_local = logits.shape[-1]
         x = logits.reshape(-1, v_local)[:, :n_valid]
-        flat_labels = labels.reshape(-1)
         acc_dtype = _acc_dtype(logits.dtype)
         g_logp = grad_logp.reshape(-1).to(acc_dtype)
         g_ent = grad_entropy.reshape(-1).to(acc_dtype) if entropy_grad else None
         num_rows = x.shape[0]
-
-        if chunk >= num_rows and n_valid == v_local and logits.dtype == acc_dtype:
-            # One chunk covering everything: the fp32 result already is the gradient.
-            grad = _local_grad(x, flat_labels, vocab_start, shift, inv_temp, g_logp, g_ent,
-                               entropy)
-            return grad.view(logits.shape), None, None, None, None, None, None, None
+        rows, cols = _tile_shape(logits.device, num_rows, n_valid, chunk)
 
         grad = torch.empty((num_rows, v_local), dtype=logits.dtype, device=logits.device)
         grad[:, n_valid:].zero_()  # padding ids have zero probability: zero gradient
-        for rows in _row_chunks(num_rows, chunk):
-            grad[rows, :n_valid] = _local_grad(
-                x[rows], flat_labels[rows], vocab_start, shift[rows], inv_temp, g_logp[rows],
-                None if g_ent is None else g_ent[rows],
-                None if entropy is None else entropy[rows])
+        _local_grad_into(grad[:, :n_valid], x, labels.reshape(-1) - vocab_start, shift,
+                         inv_temp, g_logp, g_ent, entropy, rows, cols)
         return grad.view(logits.shape), None, None, None, None, None, None, None
 
 
 def chunk_rows(budget_mb: int, local_vocab: int) -> int:
     """Tokens per chunk so that the op's two fp32 ``[chunk, local_vocab]`` work buffers fit in
-    ``budget_mb`` MiB (at least one token)."""
+    ``budget_mb`` MiB (at least one token). An upper bound: CPU tiles are smaller still."""
     if budget_mb < 1 or local_vocab < 1:
         raise ValueError(f"budget_mb and local_vocab must be >= 1, got {budget_mb}, "
                          f"{local_vocab}")
@@ -244,8 +273,9 @@ def logprobs_and_entropy(
         vocab_size: true vocabulary size; ids ``>= vocab_size`` are padding and get exactly
             zero probability. Default: ``world_size(tp_group) * V/tp`` (no padding).
         temperature: logits are divided by it first (> 0).
-        chunk_size: tokens processed at a time in forward and backward; bounds the extra
-            memory to a few fp32 ``[chunk_size, V/tp]`` buffers. ``None``: all at once.
+        chunk_size: at most this many tokens per tile in forward and backward; bounds the
+            work buffers to two fp32 ``[chunk_size, V/tp]``. ``None``: no bound (CPU tiles
+            are cache-sized either way; GPUs then take all tokens at once).
         entropy_grad: make ``entropy`` differentiable too. Default ``False``: ERC uses
             entropy only as a mask, so it gets no graph and nothing is saved for it.
 
@@ -255,9 +285,10 @@ def logprobs_and_entropy(
         ``(onehot(label) - softmax) / temperature``; a label outside ``[0, vocab_size)``
         gets ``logp = -inf``. Accumulation is fp32 for bf16 input.
 
-    Memory: saves ``logits`` (by reference) plus two fp32 ``[T]`` vectors for backward,
-    and recomputes the softmax chunk by chunk there; the gradient is the only full-size
-    allocation.
+    Memory: saves ``logits`` (by reference) plus one fp32 ``[T]`` vector (two with
+    ``entropy_grad``) for backward, and recomputes the softmax tile by tile there; the
+    gradient is the only full-size allocation. Reads: the logits once in forward, once in
+    backward; writes: the gradient once.
     """
     if logits.dim() < 1 or logits.shape[-1] < 1:
         raise ValueError(f"logits must be [..., V_local] with V_local >= 1, got "
@@ -274,19 +305,7 @@ def logprobs_and_entropy(
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
-    v_local = logits.shape[-1]
-    rank, world = (0, 1) if tp_group is None else (dist.get_rank(tp_group),
-                                                     dist.get_world_size(tp_group))
-    if vocab_start is None:
-        vocab_start = rank * v_local
-    if vocab_size is None:
-        vocab_size = world * v_local
-    if vocab_start < 0:
-        raise ValueError(f"vocab_start must be >= 0, got {vocab_start}")
-    if vocab_size < 1 or vocab_size > world * v_local:
-        raise ValueError(f"vocab_size must be in [1, tp_size * V_local = {world * v_local}] "
-                         f"(pad the vocabulary to a multiple of tp_size), got {vocab_size}")
-    n_valid = max(0, min(v_local, vocab_size - vocab_start))
+    vocab_start, n_valid = vocab_shard(logits.shape[-1], tp_group, vocab_start, vocab_size)
     num_rows = labels.numel()
     chunk = max(num_rows, 1) if chunk_size is None else chunk_size
 
