@@ -6,8 +6,8 @@ Megatron path, both measured in the same run, TP=2 over gloo (one thread per ran
         (verl/utils/megatron/tensor_parallel.py); the log-probs are megatron-core's
         ``vocab_parallel_cross_entropy`` (what verl calls), which works in place, hence the
         clone. verl fuses the entropy's ``(softmax * logits).sum(-1)`` with torch.compile;
-        ``torch.linalg.vecdot`` stands in for it (no ``[T, V]`` temporary either). The entropy
-        runs before the clone exists (the cheaper order for verl's peak memory).
+        ``torch.einsum`` (a batched dot, no ``[T, V]`` temporary either) stands in for it. The
+        entropy runs before the clone exists (the cheaper order for verl's peak memory).
   ours  ``logprobs_and_entropy`` with ``chunk_size = chunk_rows(64, V/tp)``, as the trainer
         calls it (``algo.logprob_chunk_mb = 64``).
 
@@ -51,7 +51,7 @@ def verl_entropy(logits, group):
     sum_exp = exp_logits.sum(dim=-1, keepdim=True)
     dist.all_reduce(sum_exp, group=group)
     softmax = exp_logits.div_(sum_exp)
-    sum_softmax_times_logits = torch.linalg.vecdot(softmax, logits).unsqueeze(-1)
+    sum_softmax_times_logits = torch.einsum("tv,tv->t", softmax, logits).unsqueeze(-1)
     dist.all_reduce(sum_softmax_times_logits, group=group)
     return (logits_max + sum_exp.log() - sum_softmax_times_logits).squeeze(-1)
 

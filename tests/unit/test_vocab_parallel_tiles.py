@@ -82,8 +82,8 @@ def test_tiled_gradcheck(tiny_tiles):
 
 def test_tile_shape_respects_chunk_and_device():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert vp._tile_shape(cpu, 4096, 16384, 512) == (16, 16384)
-    assert vp._tile_shape(cpu, 4096, 76000, 512) == (8, 32768)
+    assert vp._tile_shape(cpu, 4096, 16384, 512) == (8, 16384)
+    assert vp._tile_shape(cpu, 4096, 76000, 512) == (4, 32768)
     assert vp._tile_shape(cpu, 4096, 16384, 3) == (3, 16384)
     assert vp._tile_shape(cuda, 4096, 16384, 512) == (512, 16384)
     assert vp._tile_shape(cuda, 100, 0, 512) == (100, 1)
