@@ -142,11 +142,14 @@ class Actor:
         if not micro_batches:
             return []
         b, s = micro_batches[0].tokens.shape
-        positions = torch.arange(s, device=micro_batches[0].tokens.device).expand(b, s)
+        if self.parallel.pp > 1 and len({mb.tokens.shape for mb in micro_batches}) > 1:
+            raise ValueError("pipeline stages exchange one activation shape: every micro-batch "
+                             "must have the same [b, s] (see steps.micro_batches_for_rank)")
 
         def forward_step(data_iterator, chunk):
             batch = next(data_iterator)
-            out = chunk(batch.tokens, positions[: batch.tokens.shape[0]], None)
+            out = chunk(batch.tokens, _positions(batch), None,
+                        packed_seq_params=_packed_seq_params(batch))
             return out, functools.partial(_call_loss, loss_fn, batch,
                                           len(micro_batches) * self.dp_size)
 
@@ -221,6 +224,28 @@ def torch_optimizers(optimizer) -> list:
     if inner is not None:
         return [t for o in inner for t in torch_optimizers(o)]
     return [optimizer.optimizer] if getattr(optimizer, "optimizer", None) is not None else []
+
+
+def _positions(batch: MicroBatch) -> torch.Tensor:
+    """``[b, s]`` position ids; packed rows restart at every segment. (RoPE models take their
+    positions from ``packed_seq_params``; these matter to learned position embeddings.)"""
+    b, s = batch.tokens.shape
+    if batch.cu_seqlens is None:
+        return torch.arange(s, device=batch.tokens.device).expand(b, s)
+    cu = batch.cu_seqlens.long()
+    starts = torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1], output_size=s)
+    return (torch.arange(s, device=cu.device) - starts)[None]
+
+
+def _packed_seq_params(batch: MicroBatch):
+    """megatron's THD description of a packed micro-batch (None for one sequence per row)."""
+    if batch.cu_seqlens is None:
+        return None
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=batch.cu_seqlens,
+                           cu_seqlens_kv=batch.cu_seqlens, max_seqlen_q=batch.max_seqlen,
+                           max_seqlen_kv=batch.max_seqlen)
 
 
 def _call_loss(loss_fn: LossFn, batch: MicroBatch, undo_scale: int, output: torch.Tensor):

@@ -15,6 +15,7 @@ ranks with less data get zero-weight filler rows or micro-batches.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 
 import torch
 
@@ -41,13 +42,21 @@ class MicroBatch:
     update's own forward)."""
     old_entropy: torch.Tensor | None = None
     """``[b, s]`` entropies before this rollout's updates (ERC's denominator)."""
+    cu_seqlens: torch.Tensor | None = None
+    """Packed (THD) micro-batch: ``[n + 1]`` int32 offsets of the ``n`` segments concatenated
+    in its single row (``b == 1``; a trailing segment may be padding). Per-sequence fields
+    (``advantages``, ``rewards``) are then per token ``[1, s]``. None: one sequence per row."""
+    max_seqlen: int = 0
+    """Longest segment of a packed micro-batch (RoPE table length)."""
 
     def to(self, device: torch.device | str) -> MicroBatch:
-        return MicroBatch(**{f.name: None if (v := getattr(self, f.name)) is None
-                             else v.to(device, non_blocking=True)
+        return MicroBatch(**{f.name: v.to(device, non_blocking=True)
+                             if isinstance(v := getattr(self, f.name), torch.Tensor) else v
                              for f in dataclasses.fields(self)})
 
     def rows(self, index: slice) -> MicroBatch:
+        if self.cu_seqlens is not None:
+            raise ValueError("a packed micro-batch has one row; split sequences before packing")
         return MicroBatch(**{f.name: None if (v := getattr(self, f.name)) is None else v[index]
                              for f in dataclasses.fields(self)})
 
@@ -67,34 +76,123 @@ class Sequence:
         return len(self.prompt_ids) + len(self.response_ids)
 
 
+def round_up(n: int, multiple: int = 8) -> int:
+    """``n`` (at least 1) rounded up to a multiple of ``multiple`` (sequence parallelism
+    splits the model's sequence axis over TP)."""
+    return -(-max(n, 1) // multiple) * multiple
+
+
 def model_width(longest: int, seq_len: int) -> int:
     """Model length ``S`` for sequences of up to ``longest`` tokens: ``longest - 1`` rounded
-    up to a multiple of 8 (sequence parallelism splits it over TP), capped at ``seq_len``."""
-    return min(seq_len, -(-(max(longest, 2) - 1) // 8) * 8)
+    up to a multiple of 8, capped at ``seq_len``."""
+    return min(seq_len, round_up(max(longest, 2) - 1))
+
+
+def _columns(s: Sequence) -> tuple[list[int], list[int], list[float], list[float]]:
+    """Inputs, labels, loss mask and engine log-probs of one sequence's ``len(s) - 1``
+    model positions (position ``j`` predicts token ``j + 1``)."""
+    ids = s.prompt_ids + s.response_ids
+    context = max(len(s.prompt_ids) - 1, 0)  # positions whose label is a prompt token
+    scored = len(ids) - 1 - context
+    logp = [float(x) for x in s.rollout_logp[len(s.rollout_logp) - scored:]] if scored else []
+    return ids[:-1], ids[1:], [0.0] * context + [1.0] * scored, [0.0] * context + logp
 
 
 def pack(seqs: list[Sequence], rows: int, width: int, pad_id: int,
          device: torch.device | str) -> MicroBatch:
     """``seqs`` as one ``[rows, width]`` micro-batch on ``device``; rows beyond ``len(seqs)``
-    are filler (pad tokens, zero loss mask). Sequences longer than ``width + 1`` tokens are
-    cut (their tail gets no loss)."""
+    are filler (pad tokens, zero loss mask). A sequence longer than ``width + 1`` tokens is an
+    error: nothing is ever cut."""
     if len(seqs) > rows:
         raise ValueError(f"{len(seqs)} sequences do not fit in {rows} rows")
-    tokens = torch.full((rows, width + 1), pad_id, dtype=torch.long)
-    mask = torch.zeros(rows, width + 1)
-    rlogp = torch.zeros(rows, width + 1)
+    tokens = torch.full((rows, width), pad_id, dtype=torch.long)
+    labels = torch.full((rows, width), pad_id, dtype=torch.long)
+    mask, rlogp = torch.zeros(rows, width), torch.zeros(rows, width)
     adv, rew = torch.zeros(rows), torch.zeros(rows)
     for i, s in enumerate(seqs):
-        ids = (s.prompt_ids + s.response_ids)[: width + 1]
-        tokens[i, : len(ids)] = torch.tensor(ids)
-        p, end = len(s.prompt_ids), min(len(s), width + 1)
-        if end > p:
-            mask[i, p:end] = 1.0
-            rlogp[i, p:end] = torch.tensor(s.rollout_logp[: end - p], dtype=torch.float32)
+        check_fits(s, width)
+        cols = _columns(s)
+        n = len(cols[0])
+        for out, col in zip((tokens, labels, mask, rlogp), cols, strict=True):
+            out[i, :n] = torch.tensor(col, dtype=out.dtype)
         adv[i], rew[i] = s.advantage, s.reward
-    return MicroBatch(tokens=tokens[:, :-1].contiguous(), labels=tokens[:, 1:].contiguous(),
-                      loss_mask=mask[:, 1:].contiguous(), advantages=adv, rewards=rew,
-                      rollout_logp=rlogp[:, 1:].contiguous()).to(device)
+    return MicroBatch(tokens=tokens, labels=labels, loss_mask=mask, advantages=adv,
+                      rewards=rew, rollout_logp=rlogp).to(device)
+
+
+def pack_thd(seqs: list[Sequence], length: int, pad_id: int,
+             device: torch.device | str) -> MicroBatch:
+    """``seqs`` concatenated into one ``[1, length]`` row (THD): segment ``i`` holds sequence
+    ``i``'s ``len - 1`` model positions, a trailing padding segment fills the row. Advantages
+    and rewards become per token. ``length`` must hold every position (never cut)."""
+    cols: list[list] = [[], [], [], [], [], []]
+    bounds = [0]
+    for s in seqs:
+        seq_cols = _columns(s)
+        n = len(seq_cols[0])
+        if n == 0:
+            continue  # a one-token sequence predicts nothing
+        for out, col in zip(cols, (*seq_cols, [s.advantage] * n, [s.reward] * n), strict=True):
+            out.extend(col)
+        bounds.append(bounds[-1] + n)
+    if bounds[-1] > length:
+        raise ValueError(f"{bounds[-1]} packed positions do not fit in a row of {length}")
+    if bounds[-1] < length:  # padding: a segment of its own, attending only to itself
+        bounds.append(length)
+    pad = length - len(cols[0])
+    dtypes = (torch.long, torch.long) + (torch.float32,) * 4
+    tok, lab, mask, rlogp, adv, rew = (
+        torch.tensor(c + [pad_id if dt == torch.long else 0.0] * pad, dtype=dt)[None]
+        for c, dt in zip(cols, dtypes, strict=True))
+    return MicroBatch(tokens=tok, labels=lab, loss_mask=mask, advantages=adv, rewards=rew,
+                      rollout_logp=rlogp, cu_seqlens=torch.tensor(bounds, dtype=torch.int32),
+                      max_seqlen=max(b - a for a, b in zip(bounds, bounds[1:], strict=False))
+                      ).to(device)
+
+
+def check_fits(s: Sequence, width: int) -> None:
+    if len(s) - 1 > width:
+        raise ValueError(
+            f"a sequence of {len(s)} tokens ({len(s.prompt_ids)} prompt + "
+            f"{len(s.response_ids)} response) does not fit run.seq_len={width}: raise "
+            "run.seq_len to data.max_prompt_tokens + rollout.max_response_tokens")
+
+
+def micro_bins(lengths: list[list[int]], rows: int,
+               max_tokens: int | None) -> list[list[list[int]]]:
+    """``bins[r][k]``: indices (into ``lengths[r]``) of the sequences of data-parallel rank
+    ``r``'s micro-batch ``k``; every rank gets the same number of micro-batches (some may be
+    empty: zero-weight filler).
+
+    Without a token budget, micro-batches are runs of ``rows`` consecutive sequences. With
+    ``max_tokens``, the count starts at the most any rank needs by tokens alone and grows until
+    every micro-batch of more than one sequence is within the budget; each rank's sequences are
+    spread over that count longest first, each to the least-loaded micro-batch (balanced
+    tokens). A sequence over the budget thus ends up alone. Pure function of the global batch:
+    every rank computes the same bins.
+    """
+    if max_tokens is None:
+        count = max([-(-len(lens) // rows) for lens in lengths] + [1])
+        return [[list(range(k * rows, min((k + 1) * rows, len(lens)))) for k in range(count)]
+                for lens in lengths]
+    count = max([-(-sum(lens) // max_tokens) for lens in lengths] + [1])
+    while True:
+        bins = [_balanced(lens, count) for lens in lengths]
+        if all(len(b) < 2 or sum(lens[i] for i in b) <= max_tokens
+               for lens, rank_bins in zip(lengths, bins, strict=True) for b in rank_bins):
+            return bins
+        count += 1
+
+
+def _balanced(lengths: list[int], count: int) -> list[list[int]]:
+    """Longest-first assignment of ``lengths`` to the least-loaded of ``count`` bins."""
+    heap = [(0, k) for k in range(count)]
+    bins: list[list[int]] = [[] for _ in range(count)]
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        load, k = heapq.heappop(heap)
+        bins[k].append(i)
+        heapq.heappush(heap, (load + lengths[i], k))
+    return [sorted(b) for b in bins]
 
 
 def plan_minibatches(group_tokens: list[int], updates: int, dp_size: int) -> list[list[list[int]]]:

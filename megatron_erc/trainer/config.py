@@ -31,9 +31,21 @@ class RunConfig:
     updates_per_rollout: int = 4
     """Mini-batch updates per rollout; all but the first are off-policy (where ERC acts)."""
     micro_batch_size: int = 32
-    """Sequences per forward/backward micro-batch."""
+    """Sequences per forward/backward micro-batch (without ``max_tokens_per_micro_batch``)."""
+    max_tokens_per_micro_batch: int | None = None
+    """Token budget of one micro-batch (real prompt + response tokens, per data-parallel
+    rank): each rank's sequences are partitioned into the fewest micro-batches within the
+    budget, balanced by tokens, the same count on every rank; ``micro_batch_size`` is then
+    unused. A sequence longer than the budget gets a micro-batch of its own. The loss is the
+    global token mean, so results do not depend on the budget. None: ``micro_batch_size``
+    sequences per micro-batch."""
+    pack_sequences: bool = False
+    """Concatenate the sequences of a micro-batch into one row without padding (THD layout,
+    megatron's ``PackedSeqParams``): attention stays within each sequence and RoPE positions
+    restart at each. Off: each sequence is a row padded to the micro-batch's longest."""
     seq_len: int = 128
-    """Padded prompt + response length of a training sequence."""
+    """Longest prompt + response of a training sequence; must hold
+    ``data.max_prompt_tokens + rollout.max_response_tokens`` (checked at start)."""
     warmup_steps: int = 0
     """Linear learning-rate warmup, in optimizer steps."""
 
@@ -41,6 +53,9 @@ class RunConfig:
         for name in ("steps", "updates_per_rollout", "micro_batch_size", "seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"run.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_tokens_per_micro_batch is not None and self.max_tokens_per_micro_batch < 1:
+            raise ValueError(f"run.max_tokens_per_micro_batch must be >= 1 or null, got "
+                             f"{self.max_tokens_per_micro_batch}")
         if self.warmup_steps < 0:
             raise ValueError(f"run.warmup_steps must be >= 0, got {self.warmup_steps}")
 
@@ -195,6 +210,18 @@ class TrainConfig:
     """Checkpointing and resume."""
 
     def __post_init__(self):
+        if self.data is not None:
+            if self.data.max_prompt_tokens is None:
+                raise ValueError(
+                    "data.max_prompt_tokens is null (no limit), so a prompt plus its response "
+                    f"could exceed run.seq_len ({self.run.seq_len}); set data.max_prompt_tokens")
+            need = self.data.max_prompt_tokens + self.rollout.max_response_tokens
+            if self.run.seq_len < need:
+                raise ValueError(
+                    f"run.seq_len ({self.run.seq_len}) is shorter than data.max_prompt_tokens "
+                    f"({self.data.max_prompt_tokens}) + rollout.max_response_tokens "
+                    f"({self.rollout.max_response_tokens}) = {need}: a long prompt with a long "
+                    f"response would not fit. Set run.seq_len={need} or lower one of the two.")
         if self.overlong is not None and self.overlong.max_len > self.rollout.max_response_tokens:
             raise ValueError(
                 f"overlong.max_len ({self.overlong.max_len}) exceeds "

@@ -74,7 +74,8 @@ def train(cfg: TrainConfig, ctx: RunContext) -> list[dict]:
                 rollout.groups, updates=cfg.run.updates_per_rollout, dp_size=actor.dp_size,
                 dp_rank=actor.dp_rank, micro_batch_size=cfg.run.micro_batch_size,
                 seq_len=cfg.run.seq_len, pad_id=ctx.pad_id, device=actor.device,
-                fixed_rows=actor.parallel.pp > 1)
+                fixed_shape=actor.parallel.pp > 1, packed=cfg.run.pack_sequences,
+                max_tokens=cfg.run.max_tokens_per_micro_batch)
             # old logp/entropy of the off-policy mini-batches; the first one is on-policy:
             # its own update forward supplies them (see steps.policy_loss_fn)
             score_old_logprobs(actor, [mb for mini in minis[1:] for mb in mini],

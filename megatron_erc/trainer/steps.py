@@ -19,36 +19,53 @@ from megatron_erc.algorithms import (
 from megatron_erc.trainer.batch import (
     MicroBatch,
     Sequence,
+    check_fits,
     global_token_count,
+    micro_bins,
     model_width,
     pack,
+    pack_thd,
     plan_minibatches,
+    round_up,
 )
 
 
 def micro_batches_for_rank(groups: list[list[Sequence]], *, updates: int, dp_size: int,
                            dp_rank: int, micro_batch_size: int, seq_len: int, pad_id: int,
-                           device, fixed_rows: bool = True) -> list[list[MicroBatch]]:
+                           device, fixed_shape: bool = False, max_tokens: int | None = None,
+                           packed: bool = False) -> list[list[MicroBatch]]:
     """``[mini][micro]`` micro-batches of ``dp_rank`` for the global ``groups``.
 
     Every DP rank gets the same number of mini-batches and, per mini-batch, the same number of
-    micro-batches (the most any rank needs); a micro-batch a rank has no sequences for is a
-    zero-weight filler row. All micro-batches of a rank share one width ``S`` (from its longest
-    sequence); with ``fixed_rows`` (pipeline parallelism: stages exchange activations of one
-    shape) they also have exactly ``micro_batch_size`` rows, padded with filler rows.
+    micro-batches (``batch.micro_bins``: ``micro_batch_size`` sequences each, or a
+    ``max_tokens`` budget); a micro-batch a rank has no sequences for is zero-weight filler.
+    Unpacked, each micro-batch is as wide as its longest sequence (rounded up to 8); packed,
+    its sequences share one row as long as their sum (rounded up to 8). ``fixed_shape``
+    (pipeline parallelism: stages exchange activations of one shape) gives every micro-batch
+    of the rank the shape of its largest: ``[micro_batch_size or most sequences, widest]``
+    unpacked, ``[1, longest row]`` packed.
     """
     plan = plan_minibatches([sum(len(s) for s in g) for g in groups], updates, dp_size)
-    mine = [[s for g in mini[dp_rank] for s in groups[g]] for mini in plan]
-    width = model_width(max((len(s) for seqs in mine for s in seqs), default=2), seq_len)
-    out = []
-    for m, seqs in enumerate(mine):
-        count = max(-(-sum(len(groups[g]) for g in ids) // micro_batch_size)
-                    for ids in plan[m])
-        chunks = [seqs[i * micro_batch_size:(i + 1) * micro_batch_size]
-                  for i in range(max(count, 1))]
-        out.append([pack(c, micro_batch_size if fixed_rows else max(len(c), 1), width, pad_id,
-                         device) for c in chunks])
-    return out
+    shares = [[[s for g in ids for s in groups[g]] for ids in mini] for mini in plan]
+    mine = []
+    for ranks in shares:
+        for s in ranks[dp_rank]:
+            check_fits(s, seq_len)
+        bins = micro_bins([[len(s) - 1 for s in seqs] for seqs in ranks], micro_batch_size,
+                          max_tokens)[dp_rank]
+        mine.append([[ranks[dp_rank][i] for i in b] for b in bins])
+    micro = [seqs for mini in mine for seqs in mini]
+    if packed:
+        size = lambda seqs: round_up(sum(len(s) - 1 for s in seqs))  # noqa: E731
+        longest = max(size(seqs) for seqs in micro)
+        return [[pack_thd(seqs, longest if fixed_shape else size(seqs), pad_id, device)
+                 for seqs in mini] for mini in mine]
+    width = lambda seqs: model_width(max((len(s) for s in seqs), default=2), seq_len)  # noqa: E731
+    widest = max(width(seqs) for seqs in micro)
+    rows = max([micro_batch_size if max_tokens is None else 1] + [len(m) for m in micro])
+    return [[pack(seqs, rows if fixed_shape else max(len(seqs), 1),
+                  widest if fixed_shape else width(seqs), pad_id, device)
+             for seqs in mini] for mini in mine]
 
 
 def score_old_logprobs(actor, micro_batches: list[MicroBatch], chunk_mb: int = 64) -> None:

@@ -39,17 +39,35 @@ def _same_step1(a: dict, b: dict) -> None:
         assert math.isclose(a[k], b[k], rel_tol=1e-5), (k, a[k], b[k])
 
 
+# token-budget micro-batches of packed (THD) rows: a budget of 40 tokens splits the step's
+# sequences (up to ~30 tokens each) into more, differently filled micro-batches
+PACKED = ["run.pack_sequences=true", "run.max_tokens_per_micro_batch=40"]
+
+
 @pytest.fixture(scope="module")
-def world1(task, tmp_path_factory):
+def world1_runs(task, tmp_path_factory):
     d = tmp_path_factory.mktemp("w1")
-    return run_distributed(rl_run, 1, task, [(str(d / "a"), HALF + ["run.steps=1"])])[0][0]
+    return run_distributed(rl_run, 1, task, [(str(d / "a"), HALF + ["run.steps=1"]),
+                                             (str(d / "b"), HALF + ["run.steps=1"] + PACKED)])[0]
+
+
+@pytest.fixture(scope="module")
+def world1(world1_runs):
+    return world1_runs[0]
+
+
+def test_token_budget_and_packing_leave_the_step_unchanged(world1_runs):
+    plain, packed = world1_runs
+    _same_step1(_step1(plain), _step1(packed))
+    assert packed["micro_batches"] > plain["micro_batches"]  # the budget did split differently
 
 
 def test_dp2_one_global_batch_equal_steps_and_a_joint_skip(task, tmp_path, world1):
     runs = [(str(tmp_path / "half"), HALF + ["run.steps=3"]),
             (str(tmp_path / "const"),
              ["rollout.reward_fn=tests.e2e.rewards:constant_reward", "run.steps=1",
-              "rollout.max_gen_batches=2"])]
+              "rollout.max_gen_batches=2"]),
+            (str(tmp_path / "packed"), HALF + ["run.steps=1"] + PACKED)]
     ranks = run_distributed(rl_run, 2, task, runs, timeout=600)
     half = [r[0] for r in ranks]
     rows = half[0]["history"]
@@ -63,6 +81,9 @@ def test_dp2_one_global_batch_equal_steps_and_a_joint_skip(task, tmp_path, world
     assert half[0]["optimizer_steps"] == half[1]["optimizer_steps"] > 0
     assert half[0]["micro_batches"] == half[1]["micro_batches"] > 0
     _same_step1(_step1(world1), _step1(half[0]))
+    packed = [r[2] for r in ranks]  # budget + packing at DP=2: still the one-rank step
+    _same_step1(_step1(world1), _step1(packed[0]))
+    assert packed[0]["micro_batches"] == packed[1]["micro_batches"]
     const = [r[1] for r in ranks]
     for c in const:  # nothing kept: every rank skips the update together
         assert c["history"][0]["skipped_steps"] == 1.0 and c["optimizer_steps"] == 0
@@ -73,11 +94,14 @@ def test_dp2_one_global_batch_equal_steps_and_a_joint_skip(task, tmp_path, world
 def test_tp2_or_pp2_trains_the_same_step_as_one_rank(task, tmp_path, world1, layout):
     # pp=2 also runs the fixed-shape micro-batches (filler rows) and the stage broadcast of
     # the weight sync
-    ranks = run_distributed(rl_run, 2, task,
-                            [(str(tmp_path / "mp2"), HALF + ["run.steps=1", layout])],
-                            timeout=600)
-    _same_step1(_step1(world1), _step1(ranks[0][0]))
-    assert ranks[0][0]["kept"] == ranks[1][0]["kept"]
+    # and, in the same world, packed rows under a token budget (pp=2: one row length per
+    # pipeline)
+    runs = [(str(tmp_path / "mp2"), HALF + ["run.steps=1", layout]),
+            (str(tmp_path / "mp2_packed"), HALF + ["run.steps=1", layout] + PACKED)]
+    ranks = run_distributed(rl_run, 2, task, runs, timeout=600)
+    for i in range(len(runs)):
+        _same_step1(_step1(world1), _step1(ranks[0][i]))
+        assert ranks[0][i]["kept"] == ranks[1][i]["kept"]
 
 
 def test_dp2_x_tp2_runs_two_steps(task, tmp_path, world1):

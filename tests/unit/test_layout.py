@@ -76,7 +76,8 @@ def test_micro_batches_are_built_on_the_given_device_with_equal_counts_on_every_
     groups = [group(k, 4, 3 + 2 * k) for k in range(5)]
     per_rank = [micro_batches_for_rank(groups, updates=2, dp_size=2, dp_rank=r,
                                        micro_batch_size=3, seq_len=64, pad_id=0,
-                                       device=torch.device("meta")) for r in range(2)]
+                                       device=torch.device("meta"), fixed_shape=True)
+                for r in range(2)]
     # every rank: the same mini-batch count and micro-batch count per mini-batch
     assert [len(m) for m in per_rank[0]] == [len(m) for m in per_rank[1]]
     for minis in per_rank:
@@ -88,8 +89,8 @@ def test_micro_batches_are_built_on_the_given_device_with_equal_counts_on_every_
                              "rollout_logp"):
                     assert getattr(mb, name).device.type == "meta", name
     cpu, cpu1 = (micro_batches_for_rank(groups, updates=2, dp_size=2, dp_rank=r,
-                                        micro_batch_size=3, seq_len=64, pad_id=0, device="cpu",
-                                        fixed_rows=False) for r in range(2))
+                                        micro_batch_size=3, seq_len=64, pad_id=0, device="cpu")
+                for r in range(2))
     assert [len(m) for m in cpu] == [len(m) for m in cpu1]  # equal counts without PP too
     assert any(mb.tokens.shape[0] < 3 for m in cpu + cpu1 for mb in m)  # no filler rows
     # every response token of every group is trained exactly once across the two ranks
