@@ -15,15 +15,18 @@ from typing import Any
 
 import yaml
 
+from megatron_erc.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A config file or override does not fit the config schema."""
+__all__ = ["ConfigError", "from_dict", "load_config", "to_dict"]
 
 
 def load_config(cls, path: str | Path | None = None, overrides: list[str] = ()):
     """Build ``cls`` from a YAML file (optional) with ``key.path=value`` overrides on top."""
     data: dict = {}
     if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"--config {path}: no such file; pass a YAML config such as "
+                              "examples/tiny/dapo_erc.yaml")
         text = Path(path).read_text()
         try:
             data = yaml.safe_load(text) or {}

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from megatron_erc.data.tokenizers import Tokenizer
+from megatron_erc.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -28,9 +29,11 @@ PLAIN_TEMPLATE = "{system_block}User: {prompt}\nAssistant:"
 PLAIN_SYSTEM_BLOCK = "{system}\n\n"
 
 
-class PromptFileError(ValueError):
+class PromptFileError(UserError, ValueError):
     """A prompt file is missing, empty or has a malformed record; the message names the
     file and line (JSONL, 1-based) or row (Parquet, 0-based)."""
+
+    kind = "data"
 
 
 @dataclass(kw_only=True)
@@ -111,7 +114,7 @@ def _check_record(obj, prompt_field: str, answer_field: str, where: str) -> Prom
         if name not in obj:
             raise PromptFileError(
                 f"{where}: missing field {name!r} (fields present: {sorted(obj)}); "
-                f"set prompt_field / answer_field to match the file"
+                "set data.prompt_field / data.answer_field to match the file"
             )
     prompt, answer = obj[prompt_field], obj[answer_field]
     if not isinstance(prompt, str):
@@ -160,7 +163,7 @@ def _read_parquet(path: Path, prompt_field: str, answer_field: str) -> list[Prom
         if name not in table.column_names:
             raise PromptFileError(
                 f"{path}: missing column {name!r} (columns: {table.column_names}); "
-                f"set prompt_field / answer_field to match the file"
+                "set data.prompt_field / data.answer_field to match the file"
             )
     return [
         _check_record(row, prompt_field, answer_field, f"{path}:row {i}")
@@ -178,7 +181,8 @@ def read_prompt_records(
     """Read and validate every record of a JSONL or Parquet prompt file."""
     path = Path(path)
     if not path.is_file():
-        raise PromptFileError(f"prompt file {str(path)!r} does not exist")
+        where = "" if path.is_absolute() else f" (looked for {path.resolve()})"
+        raise PromptFileError(f"prompt file {str(path)!r} does not exist{where}; check the path")
     if file_format == "auto":
         file_format = "parquet" if path.suffix == ".parquet" else "jsonl"
     reader = _read_parquet if file_format == "parquet" else _read_jsonl
@@ -244,7 +248,8 @@ class PromptDataset:
         if not self.samples:
             raise PromptFileError(
                 f"{cfg.path}: all {len(records)} prompts are longer than max_prompt_tokens="
-                f"{limit}; raise the limit or set overlong='truncate_left'"
+                f"{limit}; raise data.max_prompt_tokens (and run.seq_len) or set "
+                f"data.overlong=truncate_left"
             )
         if dropped:
             logger.warning(
