@@ -14,7 +14,9 @@ A checkpoint is ``root/step_{step:08d}/`` holding:
 * ``ranks/rank_XXXXX.pt``: each rank's ``extra_state`` (data-loader position, sampler RNG,
   ...) and its python / numpy / torch (CPU, CUDA) / megatron tensor-parallel tracker RNG
   states;
-* ``COMPLETE``: JSON written last, before the directory gets its final name.
+* ``COMPLETE``: JSON written last, before the directory gets its final name, listing every
+  file with its size (``checkpoint_files``: a truncated or missing file is found before
+  anything is loaded, and ``resume=auto`` skips such a checkpoint).
 
 Every rank writes into ``root/.step_{step:08d}.tmp-<uuid>``; after a barrier rank 0 writes
 the side files and the marker and renames the directory into place, so a writer killed at
@@ -29,9 +31,8 @@ import json
 import logging
 import os
 import pathlib
+import pickle
 import random
-import re
-import shutil
 import time
 import uuid
 
@@ -42,58 +43,29 @@ import torch.distributed as dist
 from megatron_erc.models.hf_checkpoint import FORMAT as MODEL_FORMAT
 from megatron_erc.models.hf_checkpoint import HF_SUBDIR, META_FILE
 from megatron_erc.trainer.actor import torch_optimizers
+from megatron_erc.trainer.checkpoint_files import (  # noqa: F401 - the public names live here
+    COMPLETE_FILE,
+    FORMAT,
+    RANKS_SUBDIR,
+    TRAINER_STATE_FILE,
+    CheckpointError,
+    check_resumable,
+    find_latest,
+    list_complete,
+    manifest,
+    prune,
+    publish,
+    read_marker,
+    step_dir,
+    write_synced,
+)
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "megatron_erc.train/1"
-COMPLETE_FILE = "COMPLETE"
-TRAINER_STATE_FILE = "trainer_state.pt"
-RANKS_SUBDIR = "ranks"
 # The default distributed-optimizer format raises "flattened_range is not supported";
 # fully_reshardable stores optimizer state in model (global tensor) space like plain Adam.
 SHARDING_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
                      "chained_optim_avoid_prefix": True}
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
-_TMP_DIR = re.compile(r"^\.step_\d{8}\.(tmp|old)-[0-9a-f]+$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be written or resumed; the message says which and why."""
-
-
-def step_dir(root: str | os.PathLike, step: int) -> pathlib.Path:
-    return pathlib.Path(root) / f"step_{step:08d}"
-
-
-# ---------------------------------------------------------------- finding checkpoints
-def _read_marker(path: pathlib.Path) -> dict | None:
-    try:
-        marker = json.loads((path / COMPLETE_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return marker if marker.get("format") == FORMAT else None
-
-
-def list_complete(root: str | os.PathLike) -> list[tuple[int, pathlib.Path]]:
-    """``(step, path)`` of the complete checkpoints under ``root``, oldest first. Temporary
-    directories of interrupted writers and directories without the marker are skipped."""
-    root = pathlib.Path(root)
-    if not root.is_dir():
-        return []
-    found = []
-    for entry in root.iterdir():
-        m = _STEP_DIR.match(entry.name)
-        if m and entry.is_dir():
-            marker = _read_marker(entry)
-            if marker is not None and marker.get("step") == int(m.group(1)):
-                found.append((int(m.group(1)), entry))
-    return sorted(found)
-
-
-def find_latest(root: str | os.PathLike) -> pathlib.Path | None:
-    """The newest complete checkpoint under ``root``, or None."""
-    found = list_complete(root)
-    return found[-1][1] if found else None
 
 
 # ---------------------------------------------------------------- state dicts
@@ -291,10 +263,10 @@ def save_checkpoint(root: str | os.PathLike, step: int, actor, extra_state: dict
         marker = {"format": FORMAT, "step": step, "time": time.time(),
                   "distributed_optimizer": _is_distributed(actor.optimizer),
                   "sharding_metadata": SHARDING_METADATA, **_layout(actor),
-                  "rank_coords": coords}
-        _write_synced(tmp / COMPLETE_FILE, json.dumps(marker, indent=2))
-        _publish(tmp, final)
-        _prune(root, keep_last, final)
+                  "rank_coords": coords, "files": manifest(tmp)}
+        write_synced(tmp / COMPLETE_FILE, json.dumps(marker, indent=2))
+        publish(tmp, final)
+        prune(root, keep_last, final)
         logger.info("saved %s in %.1f s", final, time.perf_counter() - t0)
     dist.barrier()
     return final
@@ -309,49 +281,11 @@ def _save_checked(obj: dict, path: pathlib.Path) -> None:
     torch.save(obj, path)
     try:
         torch.load(path, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with what to change
-        raise CheckpointError(
+    except Exception as e:  # noqa: BLE001 - re-raised with what to change (a caller's bug)
+        raise TypeError(
             "extra_state (and the LR-scheduler state) must hold only dicts, lists, tuples, "
             f"strings, numbers, None and tensors so that it loads with weights_only=True: {e}"
         ) from None
-
-
-def _write_synced(path: pathlib.Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _publish(tmp: pathlib.Path, final: pathlib.Path) -> None:
-    """Rename ``tmp`` to ``final``; a previous ``final`` is moved aside first (a directory
-    cannot be replaced atomically) and removed once the new one is in place."""
-    old = None
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex}"
-        os.replace(final, old)
-    os.replace(tmp, final)
-    fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _prune(root: pathlib.Path, keep_last: int, just_written: pathlib.Path) -> None:
-    """Delete all but the newest ``keep_last`` complete checkpoints (never ``just_written``)
-    and the temporary directories of interrupted writers (one trainer writes to a root)."""
-    for entry in root.iterdir():
-        if _TMP_DIR.match(entry.name):
-            shutil.rmtree(entry, ignore_errors=True)
-    if keep_last == 0:
-        return
-    complete = list_complete(root)
-    for _, path in complete[:-keep_last]:
-        if path != just_written:
-            shutil.rmtree(path, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- load
@@ -359,8 +293,10 @@ def load_checkpoint(path_or_auto: str | os.PathLike, root: str | os.PathLike | N
                     actor) -> tuple[int, dict] | None:
     """Restore model, optimizer, LR scheduler and RNG states into ``actor`` (collective).
 
-    ``path_or_auto`` is a checkpoint directory, or ``"auto"`` for the newest complete one
-    under ``root`` (None when there is none: a fresh start). The checkpoint may have been
+    ``path_or_auto`` is a checkpoint directory, or ``"auto"`` for the newest complete and
+    intact one under ``root`` (None when there is none: a fresh start; damaged ones are
+    skipped with a warning). A damaged or incomplete checkpoint raises ``CheckpointError``
+    on every rank. The checkpoint may have been
     written at another TP/PP (and DP for the distributed optimizer); RNG states are
     restored only when the rank layout is the same. Returns ``(step, extra_state)`` with
     this rank's saved ``extra_state`` (see ``_matching_rank`` after a layout change).
@@ -371,30 +307,33 @@ def load_checkpoint(path_or_auto: str | os.PathLike, root: str | os.PathLike | N
     if str(path_or_auto) == "auto":
         if root is None:
             raise ValueError('load_checkpoint("auto", root=None): pass the checkpoint root')
-        found = [find_latest(root) if rank == 0 else None]
+        found = [None]
+        if rank == 0:
+            try:
+                found[0] = find_latest(root)
+            except CheckpointError as e:
+                found[0] = e
         dist.broadcast_object_list(found, src=0)  # every rank resumes the same checkpoint
+        if isinstance(found[0], CheckpointError):
+            raise CheckpointError(str(found[0]))
         if found[0] is None:
             return None
         path = pathlib.Path(found[0])
     else:
-        path = pathlib.Path(path_or_auto)
-    marker = _read_marker(path)
-    if marker is None:
-        raise CheckpointError(f"{path} is not a complete training checkpoint (no valid "
-                              f"{COMPLETE_FILE} marker); pick one listed by find_latest/"
-                              "list_complete")
+        path = check_resumable(path_or_auto)  # every rank sees the same files
+    marker = read_marker(path)
     if marker["distributed_optimizer"] != _is_distributed(actor.optimizer):
         raise CheckpointError(
-            f"{path} was written with use_distributed_optimizer="
+            f"{path} was written with optim.use_distributed_optimizer="
             f"{marker['distributed_optimizer']}; resume with the same setting")
 
+    trainer_state = _load_file(path / TRAINER_STATE_FILE)
     state = _sharded_state_dict(actor, is_loading=True)
     loaded = dist_checkpointing.load(state, str(path))
     for key, chunk in zip(_model_keys(actor), actor.model, strict=True):
         chunk.module.load_state_dict(loaded[key])
     _load_optimizer(actor.optimizer, loaded["optimizer"])
 
-    trainer_state = torch.load(path / TRAINER_STATE_FILE, weights_only=True)
     scheduler = getattr(actor, "lr_scheduler", None)
     if scheduler is not None:
         if "lr_scheduler" not in trainer_state:
@@ -403,7 +342,7 @@ def load_checkpoint(path_or_auto: str | os.PathLike, root: str | os.PathLike | N
 
     same_layout = all(marker.get(k) == v for k, v in _layout(actor).items())
     source = rank if same_layout else _matching_rank(marker, actor)
-    rank_state = torch.load(path / RANKS_SUBDIR / f"rank_{source:05d}.pt", weights_only=True)
+    rank_state = _load_file(path / RANKS_SUBDIR / f"rank_{source:05d}.pt", rank_local=True)
     if same_layout:
         _set_rng_state(rank_state["rng"])
     elif rank == 0:
@@ -413,6 +352,17 @@ def load_checkpoint(path_or_auto: str | os.PathLike, root: str | os.PathLike | N
                        {k: marker.get(k) for k in _layout(actor)}, _layout(actor))
     dist.barrier()
     return int(trainer_state["step"]), rank_state["extra_state"]
+
+
+def _load_file(path: pathlib.Path, rank_local: bool = False) -> dict:
+    """``torch.load`` of a small checkpoint file; a damaged one is a ``CheckpointError``."""
+    try:
+        return torch.load(path, weights_only=True)
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as e:
+        raise CheckpointError(
+            f"{path} cannot be read ({type(e).__name__}: {e}); the checkpoint is damaged: "
+            "resume from an earlier one, or with checkpoint.resume=auto after moving this one "
+            "away", rank_local=rank_local) from None
 
 
 def _matching_rank(marker: dict, actor) -> int:
