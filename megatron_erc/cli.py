@@ -41,37 +41,40 @@ def main(argv: list[str] | None = None) -> int:
         return convert_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    from megatron_erc.config_io import ConfigError, load_config
+    from megatron_erc.errors import run_command
 
-    try:
-        if args.command == "demo":
-            from megatron_erc.demo import run_demo
+    # A mistake in the inputs (UserError) is one line on stderr and exit code 2, printed
+    # once for the job; anything else is a bug and keeps its traceback.
+    return run_command(args.command, lambda: _run(args))
 
-            run_demo(args.out, sft_steps=args.sft_steps, rl_steps=args.rl_steps, seed=args.seed)
-        elif args.command == "train":
-            from megatron_erc.trainer.config import TrainConfig
-            from megatron_erc.trainer.run import run_train
 
-            run_train(load_config(TrainConfig, args.config, args.overrides))
-        elif args.command == "sft":
-            from megatron_erc.trainer.sft import SFTConfig, run_sft
+def _run(args) -> None:
+    from megatron_erc.config_io import load_config
 
-            out, loss = run_sft(load_config(SFTConfig, args.config, args.overrides))
-            print(f"[sft] final loss {loss:.3f}; HF model in {out}")
-        elif args.command == "eval":
-            from megatron_erc.trainer.config import TrainConfig
-            from megatron_erc.trainer.run import run_eval
+    if args.command == "demo":
+        from megatron_erc.demo import run_demo
 
-            acc = run_eval(load_config(TrainConfig, args.config, args.overrides))
-            print(f"[eval] accuracy {acc:.2%}")
-        elif args.command == "plot":
-            from megatron_erc.plot import plot_run
+        run_demo(args.out, sft_steps=args.sft_steps, rl_steps=args.rl_steps, seed=args.seed)
+    elif args.command == "train":
+        from megatron_erc.trainer.config import TrainConfig
+        from megatron_erc.trainer.run import run_train
 
-            print(plot_run(args.run_dir, args.out))
-    except ConfigError as e:
-        print(f"megatron-erc {args.command}: config error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        run_train(load_config(TrainConfig, args.config, args.overrides))
+    elif args.command == "sft":
+        from megatron_erc.trainer.sft import SFTConfig, run_sft
+
+        out, loss = run_sft(load_config(SFTConfig, args.config, args.overrides))
+        print(f"[sft] final loss {loss:.3f}; HF model in {out}")
+    elif args.command == "eval":
+        from megatron_erc.trainer.config import TrainConfig
+        from megatron_erc.trainer.run import run_eval
+
+        acc = run_eval(load_config(TrainConfig, args.config, args.overrides))
+        print(f"[eval] accuracy {acc:.2%}")
+    elif args.command == "plot":
+        from megatron_erc.plot import plot_run
+
+        print(plot_run(args.run_dir, args.out))
 
 
 if __name__ == "__main__":

@@ -38,21 +38,75 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point; exits with ``convert: error: <message>`` when conversion is refused."""
-    from megatron_erc.models.hf_checkpoint import ConvertError, hf_to_megatron, megatron_to_hf
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: 0, or 2 with ``megatron-erc convert: KIND error: MESSAGE`` on stderr
+    when the inputs are wrong or conversion is refused (see ``megatron_erc.errors``)."""
+    from megatron_erc.errors import run_command
 
     args = build_parser().parse_args(argv)
+    return run_command("convert", lambda: _convert(args))
+
+
+def _convert(args) -> None:
+    from megatron_erc.errors import UserError
+    from megatron_erc.models.hf_checkpoint import ConvertError, hf_to_megatron, megatron_to_hf
+
     try:
         if args.command == "hf-to-megatron":
+            _check_hf_dir(args.hf_dir, args.tp, args.pp)
             hf_to_megatron(args.hf_dir, args.out, tp=args.tp, pp=args.pp, force=args.force,
                            pad_vocab_multiple=args.pad_vocab_multiple, params_dtype=args.dtype)
         else:
+            _check_ckpt(args.ckpt)
             megatron_to_hf(args.ckpt, args.out, tokenizer_dir=args.tokenizer_dir,
                            force=args.force, max_shard_bytes=args.max_shard_mb * 2**20)
-    except (ConvertError, ValueError, KeyError, NotImplementedError, OSError) as e:
-        sys.exit(f"convert: error: {e}")
+    except UserError:
+        raise
+    except (ConvertError, OSError) as e:
+        raise UserError(str(e), kind="checkpoint") from None
+    except (ValueError, NotImplementedError) as e:  # a model these conversions do not map
+        raise UserError(str(e), kind="model") from None
+
+
+def _check_hf_dir(hf_dir: str, tp: int, pp: int) -> None:
+    """A supported HF model directory with weights, whose heads and layers the layout
+    splits evenly."""
+    from types import SimpleNamespace
+
+    from megatron_erc.errors import UserError
+    from megatron_erc.trainer.preflight import check_model
+
+    hf = check_model(SimpleNamespace(path=hf_dir), name="--hf-dir")
+    heads = hf["num_attention_heads"]
+    groups = hf.get("num_key_value_heads") or heads
+    if tp < 1 or heads % tp or groups % tp:
+        raise UserError(f"--tp {tp} must divide the attention heads ({heads}) and key/value "
+                        f"heads ({groups}) of {hf_dir}/config.json", kind="layout")
+    if pp < 1 or hf["num_hidden_layers"] % pp:
+        raise UserError(f"--pp {pp} must divide the {hf['num_hidden_layers']} layers of "
+                        f"{hf_dir}/config.json", kind="layout")
+
+
+def _check_ckpt(ckpt: str) -> None:
+    """A directory written by hf-to-megatron or a training checkpoint; a training one must
+    be complete and intact."""
+    import pathlib
+
+    from megatron_erc.errors import UserError
+    from megatron_erc.trainer.checkpoint_files import COMPLETE_FILE, check_resumable, list_complete
+
+    path = pathlib.Path(ckpt)
+    if not path.is_dir():
+        raise UserError(f"--ckpt {ckpt}: no such directory; pass a directory written by "
+                        "hf-to-megatron or a training checkpoint RUN_DIR/checkpoints/step_*",
+                        kind="checkpoint")
+    found = list_complete(path)
+    if found:
+        raise UserError(f"--ckpt {ckpt} is a directory of training checkpoints; pass one of "
+                        f"them, e.g. {found[-1][1]}", kind="checkpoint")
+    if (path / COMPLETE_FILE).exists() or path.name.startswith("step_"):  # training one
+        check_resumable(path, name="--ckpt")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -12,6 +12,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+#: Files of which a Hugging Face tokenizer directory holds at least one.
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
 
 @runtime_checkable
 class Tokenizer(Protocol):
@@ -48,6 +51,12 @@ class HFTokenizer:
             raise FileNotFoundError(
                 f"Hugging Face tokenizer directory {str(path)!r} does not exist; pass a local "
                 f"directory containing tokenizer.json / tokenizer_config.json"
+            )
+        if not any((Path(path) / name).is_file() for name in HF_TOKENIZER_FILES):
+            # AutoTokenizer would build an empty tokenizer from config.json alone
+            raise FileNotFoundError(
+                f"{str(path)!r} holds no tokenizer files ({', '.join(HF_TOKENIZER_FILES)}); "
+                f"pass the tokenizer's directory or a SentencePiece '.model' file"
             )
         self.path = str(path)
         self.hf = AutoTokenizer.from_pretrained(self.path, local_files_only=True)

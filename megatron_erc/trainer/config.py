@@ -65,9 +65,13 @@ class ModelConfig:
     """The policy model and its tokenizer."""
 
     path: str = "examples/tiny"
-    """Hugging Face directory (config.json; *.safetensors weights are loaded if present)."""
+    """Hugging Face directory: config.json and *.safetensors weights (the default holds only
+    the tiny model's config.json)."""
     tokenizer: str | None = None
     """HF tokenizer directory or SentencePiece .model file; None: the model directory."""
+    random_init: bool = False
+    """Start from random initialisation (only config.json is read; weights are ignored).
+    Without it, a model directory without weights is an error at start."""
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -1,9 +1,11 @@
 """``megatron-erc train``: wire config, process groups, actor, engine, grader and data
 together, then hand over to ``rl.train``. Single-rank runs need no launcher; ``torchrun``
-launches multi-rank ones."""
+launches multi-rank ones. The inputs are checked first (``preflight``), before any
+collective or model building."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -13,6 +15,7 @@ from pathlib import Path
 import torch
 
 from megatron_erc.config_io import to_dict
+from megatron_erc.errors import UserError
 from megatron_erc.trainer.config import TrainConfig
 from megatron_erc.trainer.metrics import MetricsWriter, Progress
 
@@ -34,8 +37,8 @@ def setup_parallel(cfg: TrainConfig):
     world = dist.get_world_size()
     mp = cfg.parallel.tp * cfg.parallel.pp
     if world % mp:
-        raise ValueError(f"world size {world} is not a multiple of parallel.tp * parallel.pp "
-                         f"= {mp}; launch a multiple of {mp} ranks")
+        raise UserError(f"world size {world} is not a multiple of parallel.tp * parallel.pp "
+                        f"= {mp}; launch a multiple of {mp} ranks", kind="layout")
     platform.init_model_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp,
                                  seed=cfg.run.seed,
                                  distributed_timeout_minutes=cfg.parallel.distributed_timeout_min)
@@ -66,11 +69,13 @@ def build_actor(cfg: TrainConfig):
     from megatron_erc.models.hf_adapter import load_hf_weights
     from megatron_erc.models.hf_checkpoint import SafetensorsReader
     from megatron_erc.trainer.actor import Actor
+    from megatron_erc.trainer.preflight import check_model
 
+    check_model(cfg.model)  # a directory with config.json, and weights unless random_init
     hf_config = AutoConfig.from_pretrained(cfg.model.path)
     actor = Actor(hf_config, cfg.parallel, cfg.optim)
     path = Path(cfg.model.path)
-    if any(path.glob("*.safetensors")):
+    if not cfg.model.random_init:
         reader = SafetensorsReader(path)
         load_hf_weights([m.module for m in actor.model], reader.get, hf_config,
                         ps.get_tensor_model_parallel_rank(), cfg.parallel.tp)
@@ -78,7 +83,7 @@ def build_actor(cfg: TrainConfig):
             m.broadcast_params()
         actor.optimizer.reload_model_params()
     else:
-        log.warning("%s has no safetensors weights: starting from random initialisation", path)
+        log.info("model.random_init: starting from random initialisation (%s)", path)
     return actor
 
 
@@ -109,8 +114,9 @@ def build_engine(cfg: TrainConfig, actor, slot):
     if kind == "auto":
         kind = "vllm" if vllm_available() else "embedded"
     if kind == "embedded" and cfg.rollout.tp > 1:
-        raise ValueError(f"rollout.tp={cfg.rollout.tp} needs vLLM (not installed here: "
-                         "scripts/install_vllm.sh); the embedded engine runs one per rank")
+        raise UserError(f"rollout.tp={cfg.rollout.tp} needs vLLM (not installed here: "
+                        "scripts/install_vllm.sh); the embedded engine runs one per rank",
+                        kind="config")
     engine = None
     if kind == "embedded":
         engine = EmbeddedEngine(AutoModelForCausalLM.from_config(
@@ -171,13 +177,11 @@ def build_generator(cfg: TrainConfig, actor, tokenizer, group):
 def run_train(cfg: TrainConfig, validate_first: bool = False) -> list[dict]:
     import torch.distributed as dist
 
-    from megatron_erc.data.prompts import PromptDataset
-    from megatron_erc.data.tokenizers import load_tokenizer
     from megatron_erc.trainer import checkpoint as ckpt
+    from megatron_erc.trainer.preflight import check_train
     from megatron_erc.trainer.rl import RunContext, train
 
-    if cfg.data is None:
-        raise ValueError("data.path is required: a JSONL or Parquet prompt file")
+    inputs = check_train(cfg)  # every rank, before any collective
     setup_parallel(cfg)
     group = object_group(cfg)
     rank0 = dist.get_rank() == 0
@@ -185,53 +189,57 @@ def run_train(cfg: TrainConfig, validate_first: bool = False) -> list[dict]:
     if rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
-    data = PromptDataset(cfg.data, tokenizer)
-    prompts = [(s.prompt_ids, s.record.answer) for s in data.samples]
+    tokenizer = inputs.tokenizer
+    prompts = [(s.prompt_ids, s.record.answer) for s in inputs.data.samples]
     actor = build_actor(cfg)
     # One sampler for the whole job: every rank draws the same prompts and seeds.
     rng = random.Random(cfg.run.seed * 1000)
-    # The engine is built first: its construction draws random numbers, and a resumed run
-    # must continue from exactly the RNG state the checkpoint saved.
-    generator, colocation, kind = build_generator(cfg, actor, tokenizer, group)
-    start_step = 0
-    resumed = ckpt.load_checkpoint(cfg.checkpoint.resume, run_dir / "checkpoints", actor) \
-        if cfg.checkpoint.resume else None
-    if resumed is not None:
-        start_step, extra = resumed
-        rng.setstate(_tuple_state(extra["rng"]))
-        colocation.stale = True  # the first rollout phase syncs the restored weights
+    with contextlib.ExitStack() as cleanup:  # engines and graders close on any way out
+        # The engine is built first: its construction draws random numbers, and a resumed
+        # run must continue from exactly the RNG state the checkpoint saved.
+        generator, colocation, kind = build_generator(cfg, actor, tokenizer, group)
+        cleanup.callback(_close, generator, colocation)
+        start_step = 0
+        resumed = ckpt.load_checkpoint(cfg.checkpoint.resume, run_dir / "checkpoints", actor) \
+            if cfg.checkpoint.resume else None
+        if resumed is not None:
+            start_step, extra = resumed
+            rng.setstate(_tuple_state(extra["rng"]))
+            colocation.stale = True  # the first rollout phase syncs the restored weights
+            if rank0:
+                print(f"[train] resumed from step {start_step}", flush=True)
+        validate = _validator(cfg, inputs.validation, tokenizer, generator, colocation, actor)
+        writer = MetricsWriter(run_dir, enabled=rank0)
+        cleanup.callback(writer.close)
+        progress = Progress(cfg.run.steps, start_step, enabled=rank0)
+        cleanup.callback(progress.close)
+        stop = {"flag": False}
+        for sig in (signal.SIGTERM, signal.SIGUSR1):  # Slurm: USR1 before the limit, TERM at it
+            signal.signal(sig, lambda *_: stop.update(flag=True))
+
+        def save(step: int) -> None:
+            ckpt.save_checkpoint(run_dir / "checkpoints", step, actor,
+                                 {"rng": rng.getstate()}, keep_last=cfg.checkpoint.keep_last)
+
+        def log_metrics(m: dict) -> None:
+            writer.log(m)
+            progress(m)
+
+        def should_stop() -> bool:
+            flag = torch.tensor(float(stop["flag"]), device=actor.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same point
+            return bool(flag.item())
+
+        ctx = RunContext(actor=actor, generator=generator, colocation=colocation,
+                         prompts=prompts, pad_id=tokenizer.pad_token_id,
+                         eos_id=tokenizer.eos_token_id, rng=rng, validate=validate,
+                         log=log_metrics, should_stop=should_stop, save=save,
+                         start_step=start_step)
         if rank0:
-            print(f"[train] resumed from step {start_step}", flush=True)
-    validate = _validator(cfg, tokenizer, generator, colocation, actor)
-    writer = MetricsWriter(run_dir, enabled=rank0)
-    progress = Progress(cfg.run.steps, start_step, enabled=rank0)
-    stop = {"flag": False}
-    for sig in (signal.SIGTERM, signal.SIGUSR1):  # Slurm: USR1 before the limit, TERM at it
-        signal.signal(sig, lambda *_: stop.update(flag=True))
-
-    def save(step: int) -> None:
-        ckpt.save_checkpoint(run_dir / "checkpoints", step, actor,
-                             {"rng": rng.getstate()}, keep_last=cfg.checkpoint.keep_last)
-
-    def log_metrics(m: dict) -> None:
-        writer.log(m)
-        progress(m)
-
-    def should_stop() -> bool:
-        flag = torch.tensor(float(stop["flag"]), device=actor.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same point
-        return bool(flag.item())
-
-    ctx = RunContext(actor=actor, generator=generator, colocation=colocation, prompts=prompts,
-                     pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, rng=rng,
-                     validate=validate, log=log_metrics, should_stop=should_stop, save=save,
-                     start_step=start_step)
-    if rank0:
-        print(f"[train] {len(prompts)} prompts, engine={kind}, world={dist.get_world_size()}, "
-              f"tp={cfg.parallel.tp}, {generator.slot.num_engines} rollout engines "
-              f"(rollout.tp={cfg.rollout.tp}), run dir {run_dir.resolve()}", flush=True)
-    try:
+            print(f"[train] {len(prompts)} prompts, engine={kind}, "
+                  f"world={dist.get_world_size()}, tp={cfg.parallel.tp}, "
+                  f"{generator.slot.num_engines} rollout engines (rollout.tp={cfg.rollout.tp}), "
+                  f"run dir {run_dir.resolve()}", flush=True)
         history = []
         if validate_first and validate is not None and start_step == 0:
             history.append({"step": 0, "val/accuracy": validate()})
@@ -240,10 +248,6 @@ def run_train(cfg: TrainConfig, validate_first: bool = False) -> list[dict]:
         if history and not (cfg.checkpoint.every and history[-1]["step"] % cfg.checkpoint.every
                             == 0) and not stop["flag"]:
             save(history[-1]["step"])  # at exit
-    finally:
-        progress.close()
-        writer.close()
-        _close(generator, colocation)
     return history
 
 
@@ -261,22 +265,18 @@ def _tuple_state(state):
     return tuple(tuple(s) if isinstance(s, list) else s for s in state)
 
 
-def _validator(cfg: TrainConfig, tokenizer, generator, colocation, actor):
-    """Validation accuracy, sharded over every engine of the job (collective), inside a
-    generation phase (engines awake with the current weights)."""
-    from megatron_erc.data.prompts import PromptDataConfig, PromptDataset
+def _validator(cfg: TrainConfig, dataset, tokenizer, generator, colocation, actor):
+    """Validation accuracy on ``dataset`` (None: no validation), sharded over every engine
+    of the job (collective), inside a generation phase (engines awake with the current
+    weights)."""
     from megatron_erc.rollout import SamplingConfig
     from megatron_erc.trainer.rollouts import validation_accuracy
     from megatron_erc.trainer.steps import sync_engine
 
     v = cfg.validation
-    if v.path is None:
+    if dataset is None:
         return None
-    data = PromptDataset(PromptDataConfig(
-        path=v.path, prompt_field=cfg.data.prompt_field, answer_field=cfg.data.answer_field,
-        template=cfg.data.template, system_prompt=cfg.data.system_prompt,
-        max_prompt_tokens=cfg.data.max_prompt_tokens), tokenizer)
-    samples = data.samples[: v.max_prompts] if v.max_prompts else data.samples
+    samples = dataset.samples[: v.max_prompts] if v.max_prompts else dataset.samples
     prompts = [(s.prompt_ids, s.record.answer) for s in samples]
     sampling = SamplingConfig(n=v.samples_per_prompt, temperature=v.temperature,
                               top_p=v.top_p if v.temperature > 0 else 1.0,
@@ -292,16 +292,15 @@ def _validator(cfg: TrainConfig, tokenizer, generator, colocation, actor):
 
 def run_eval(cfg: TrainConfig) -> float:
     """Validation accuracy of ``model.path`` on ``validation.path`` (no training); every rank
-    generates its share."""
-    from megatron_erc.data.tokenizers import load_tokenizer
+    generates its share. ``data`` only lends its field names and template (optional)."""
+    from megatron_erc.trainer.preflight import check_eval
 
-    if cfg.validation.path is None or cfg.data is None:
-        raise ValueError("eval needs validation.path (prompts to score) and data (its fields)")
+    inputs = check_eval(cfg)  # every rank, before any collective
     setup_parallel(cfg)
     actor = build_actor(cfg)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
-    generator, colocation, _ = build_generator(cfg, actor, tokenizer, object_group(cfg))
+    generator, colocation, _ = build_generator(cfg, actor, inputs.tokenizer, object_group(cfg))
     try:
-        return _validator(cfg, tokenizer, generator, colocation, actor)()
+        return _validator(cfg, inputs.validation, inputs.tokenizer, generator, colocation,
+                          actor)()
     finally:
         _close(generator, colocation)

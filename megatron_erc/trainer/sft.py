@@ -95,23 +95,15 @@ def run_sft(cfg: SFTConfig, actor=None, log=print) -> tuple[Path, float]:
     """Train ``cfg.run.steps`` steps and export the model as an HF directory."""
     from megatron.core import parallel_state as ps
 
-    from megatron_erc.data.prompts import PromptDataset
-    from megatron_erc.data.tokenizers import load_tokenizer
     from megatron_erc.trainer.batch import split
     from megatron_erc.trainer.metrics import MetricsWriter
+    from megatron_erc.trainer.preflight import check_sft
     from megatron_erc.trainer.run import build_actor, setup_parallel
 
-    if cfg.data is None:
-        raise ValueError("data.path is required: a prompt file with a target field")
+    inputs, examples = check_sft(cfg)  # every rank, before any collective
+    tokenizer = inputs.tokenizer
     setup_parallel(cfg)
     actor = actor or build_actor(cfg)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
-    data = PromptDataset(cfg.data, tokenizer)
-    examples = [(s.text, s.record.meta[cfg.target_field]) for s in data.samples
-                if cfg.target_field in s.record.meta]
-    if not examples:
-        raise ValueError(f"{cfg.data.path}: no record has the target field "
-                         f"{cfg.target_field!r}")
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     rng = random.Random(cfg.run.seed)
     writer = MetricsWriter(cfg.run.dir, enabled=torch.distributed.get_rank() == 0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import pathlib
+import re
 
 import pytest
 import torch
@@ -151,10 +152,10 @@ def test_hf_megatron_hf_is_bit_exact(case):
 
 
 # ---------------------------------------------------------------- the CLI
-def _cli(*argv: str) -> None:
+def _cli(*argv: str) -> int:
     from megatron_erc.convert_cli import main
 
-    main(list(argv))
+    return main(list(argv))
 
 
 @pytest.fixture(scope="module", params=[("qwen2", "--tp", "2"), ("llama_tied", "--pp", "2")],
@@ -166,8 +167,9 @@ def cli_round_trip(request, tmp_path_factory):
     model = make_hf_model(kind)
     model.save_pretrained(root / "hf")
     (root / "hf" / "tokenizer_config.json").write_text('{"model_max_length": 512}')
-    _cli("hf-to-megatron", "--hf-dir", str(root / "hf"), "--out", str(root / "ckpt"), *layout)
-    _cli("megatron-to-hf", "--ckpt", str(root / "ckpt"), "--out", str(root / "hf2"))
+    assert _cli("hf-to-megatron", "--hf-dir", str(root / "hf"), "--out", str(root / "ckpt"),
+                *layout) == 0
+    assert _cli("megatron-to-hf", "--ckpt", str(root / "ckpt"), "--out", str(root / "hf2")) == 0
     return root, model, layout
 
 
@@ -189,15 +191,15 @@ def test_cli_round_trip_via_parallel_checkpoint(cli_round_trip):
         assert torch.equal(loaded(tokens).logits, model(tokens).logits)
 
 
-def test_cli_refuses_to_overwrite(cli_round_trip):
+def test_cli_refuses_to_overwrite(cli_round_trip, capsys):
     root, _, _ = cli_round_trip
-    with pytest.raises(SystemExit, match="already exists; pass --force"):
-        _cli("hf-to-megatron", "--hf-dir", str(root / "hf"), "--out", str(root / "ckpt"))
-    with pytest.raises(SystemExit, match="already exists; pass --force"):
-        _cli("megatron-to-hf", "--ckpt", str(root / "ckpt"), "--out", str(root / "hf2"))
+    assert _cli("hf-to-megatron", "--hf-dir", str(root / "hf"), "--out", str(root / "ckpt")) == 2
+    assert "already exists; pass --force" in capsys.readouterr().err
+    assert _cli("megatron-to-hf", "--ckpt", str(root / "ckpt"), "--out", str(root / "hf2")) == 2
+    assert "already exists; pass --force" in capsys.readouterr().err
 
 
-def test_cli_shape_mismatch_names_the_tensor(tmp_path):
+def test_cli_shape_mismatch_names_the_tensor(tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
     make_hf_model("llama_tied").save_pretrained(tmp_path / "hf")
@@ -205,8 +207,8 @@ def test_cli_shape_mismatch_names_the_tensor(tmp_path):
     tensors = load_file(path)
     tensors["model.layers.2.mlp.down_proj.weight"] = torch.zeros(128, 300)
     save_file(tensors, path, metadata={"format": "pt"})
-    with pytest.raises(SystemExit, match=r"model\.layers\.2\.mlp\.down_proj\.weight: shape "
-                                         r"\(128, 300\)"):
-        _cli("hf-to-megatron", "--hf-dir", str(tmp_path / "hf"), "--out",
-             str(tmp_path / "ckpt"), "--tp", "2")
+    assert _cli("hf-to-megatron", "--hf-dir", str(tmp_path / "hf"), "--out",
+                str(tmp_path / "ckpt"), "--tp", "2") == 2
+    assert re.search(r"model\.layers\.2\.mlp\.down_proj\.weight: shape \(128, 300\)",
+                     capsys.readouterr().err)
     assert not (tmp_path / "ckpt").exists()
