@@ -57,7 +57,8 @@ class MicroBatch:
     def rows(self, index: slice) -> MicroBatch:
         if self.cu_seqlens is not None:
             raise ValueError("a packed micro-batch has one row; split sequences before packing")
-        return MicroBatch(**{f.name: None if (v := getattr(self, f.name)) is None else v[index]
+        return MicroBatch(**{f.name: v[index] if isinstance(v := getattr(self, f.name),
+                                                            torch.Tensor) else v
                              for f in dataclasses.fields(self)})
 
 
