@@ -11,6 +11,10 @@ own speed. In-process vLLM reduces the torch threads to 1 and binds its OMP thre
 
     python benchmarks/rollout.py [--prompts 32] [--tokens 64] [--reps 5] [--multiprocessing]
 
+``--sync``: instead, weight-sync bandwidth into the embedded engine, in-process vLLM and vLLM
+with a worker process (shared-memory slots), each as a ratio of a same-run memcpy of the same
+bytes, on a wider model (hidden 1024, 8 layers, vocabulary 32000: 0.5 GiB fp32).
+
 ``--layout``: instead, "2 ranks, trainer TP=2": generation tokens/s (grading included) of
 the job's whole rollout when every rank runs an embedded engine on its share of the prompts
 (``trainer/rollouts.generate_sharded``) against the earlier layout, one engine on TP rank 0
@@ -53,7 +57,8 @@ def generate_rate(engine, prompts, cfg: SamplingConfig, seed: int) -> float:
 
 
 def sync_rate(engine, weights: dict[str, torch.Tensor]) -> float:
-    return sync_weights(engine, iter(weights.items()), bucket_bytes=1 << 20).bytes_per_second
+    manifest = {k: tuple(w.shape) for k, w in weights.items()}
+    return sync_weights(engine, iter(weights.items()), 1 << 20, manifest).bytes_per_second
 
 
 def summary(rates: list[float]) -> str:
@@ -182,10 +187,66 @@ def layout_main(args) -> None:
     print(f"ratio every-rank / TP-rank-0: median {median:.2f}x  best {max(new) / max(old):.2f}x")
 
 
+def sync_main(args) -> None:
+    """Weight-sync bandwidth into each engine path as a ratio of a same-run memcpy of the same
+    bytes (one destination tensor per weight, copied in the same order, same threads)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "qwen2", vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 3,
+        num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
+        num_key_value_heads=args.hidden // 128, max_position_embeddings=256,
+        tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    weights = {k: p.detach().clone().add_(1e-3) for k, p in model.named_parameters()}
+    manifest = {k: tuple(w.shape) for k, w in weights.items()}
+    nbytes = sum(w.numel() * w.element_size() for w in weights.values())
+    dest = {k: torch.empty_like(w) for k, w in weights.items()}
+    bucket = args.bucket_mb << 20
+    engines = {"embedded (in process)": lambda: EmbeddedEngine(model)}
+    model_dir = tempfile.TemporaryDirectory()
+    if vllm_available():
+        from megatron_erc.rollout import VLLMEngine
+
+        model.save_pretrained(model_dir.name)
+        for name, mp_on in (("vllm in process", False), ("vllm worker process", True)):
+            engines[name] = lambda mp_on=mp_on: VLLMEngine(
+                model_dir.name, max_model_len=64, kv_cache_memory_bytes=32 << 20,
+                multiprocessing=mp_on)
+    print(f"model {nbytes / 2**20:.0f} MiB fp32 ({len(weights)} tensors), bucket "
+          f"{args.bucket_mb} MiB, torch threads {torch.get_num_threads()}")
+    for name, build in engines.items():
+        engine = build()
+        sync_weights(engine, iter(weights.items()), bucket, manifest)  # warm-up
+        ratios, rates = [], []
+        for _ in range(args.reps):
+            t0 = time.perf_counter()
+            for k, w in weights.items():
+                dest[k].copy_(w)
+            memcpy = nbytes / (time.perf_counter() - t0)
+            rate = sync_weights(engine, iter(weights.items()), bucket, manifest).bytes_per_second
+            rates.append(rate)
+            ratios.append(rate / memcpy)
+        engine.close()
+        print(f"  {name:22s} sync {statistics.median(rates) / 2**30:6.2f} GiB/s   "
+              f"ratio to memcpy: median {statistics.median(ratios):.2f}  best {max(ratios):.2f}")
+    model_dir.cleanup()
+
+
 if __name__ == "__main__":
     import sys
 
-    if "--layout" in sys.argv:
+    if "--sync" in sys.argv:
+        parser = argparse.ArgumentParser(description="weight-sync bandwidth benchmark")
+        parser.add_argument("--sync", action="store_true")
+        parser.add_argument("--hidden", type=int, default=1024)
+        parser.add_argument("--layers", type=int, default=8)
+        parser.add_argument("--vocab", type=int, default=32000)
+        parser.add_argument("--bucket-mb", type=int, default=64)
+        parser.add_argument("--reps", type=int, default=5)
+        sync_main(parser.parse_args())
+    elif "--layout" in sys.argv:
         parser = argparse.ArgumentParser(description="rollout layout benchmark")
         parser.add_argument("--layout", action="store_true")
         # 128 prompts x 4 samples = 512 responses per round (the R1 recipe draws 256 x 8);

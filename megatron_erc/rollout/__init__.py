@@ -6,7 +6,13 @@
 from .embedded import EmbeddedEngine
 from .engine import RolloutEngine, Sample, SamplingConfig, WeightUpdateSession
 from .vllm_engine import VLLMEngine, vllm_available
-from .weight_sync import SyncStats, stream_in_buckets, sync_weights
+from .weight_sync import (
+    SyncStats,
+    broadcast_weights,
+    receive_broadcast,
+    stream_in_buckets,
+    sync_weights,
+)
 
 __all__ = [
     "EmbeddedEngine",
@@ -16,6 +22,8 @@ __all__ = [
     "SyncStats",
     "VLLMEngine",
     "WeightUpdateSession",
+    "broadcast_weights",
+    "receive_broadcast",
     "stream_in_buckets",
     "sync_weights",
     "vllm_available",

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import fast_decode
-from .engine import Sample, SamplingConfig, StagedWeightUpdates
+from .engine import Sample, SamplingConfig, StreamedWeightLoads
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -94,7 +94,7 @@ def _samples(tokens: list[list[int]], logprobs: list[list[float]], stopped: list
             for t, lp, s in zip(tokens, logprobs, stopped, strict=True)]
 
 
-class EmbeddedEngine(StagedWeightUpdates):
+class EmbeddedEngine(StreamedWeightLoads):
     """``RolloutEngine`` over a transformers causal LM (a local HF directory or a module).
 
     ``max_batch_size`` bounds how many sequences (prompts x n) decode together. ``fast``
@@ -122,7 +122,6 @@ class EmbeddedEngine(StagedWeightUpdates):
         self.max_batch_size = max_batch_size
         self.fast = fast
         self._fused: fast_decode.FusedWeights | None = None
-        self._staged: dict[str, torch.Tensor] = {}
 
     # --- generation -------------------------------------------------------------------------
 
@@ -136,6 +135,7 @@ class EmbeddedEngine(StagedWeightUpdates):
         otherwise ``sampling.seed`` seeds one generator for the whole call."""
         if any(len(p) == 0 for p in prompt_token_ids):
             raise ValueError("generate: every prompt needs at least one token.")
+        self._require_complete()
         n, samples = sampling.n, []
         if seeds is not None:
             if len(seeds) != len(prompt_token_ids):
@@ -205,19 +205,14 @@ class EmbeddedEngine(StagedWeightUpdates):
     def _expected_shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(p.shape) for k, p in self._params().items()}
 
-    def _stage(self, bucket: dict[str, torch.Tensor]) -> None:
-        # copies: the caller may reuse its buffers (or they are live trainer parameters)
-        self._staged.update({k: v.clone() for k, v in bucket.items()})
-
-    def _commit(self) -> None:
+    def _load_stream(self, pairs, bucket_bytes: int) -> None:
+        """In process: each tensor is copied straight into its parameter (no staging, no
+        serialisation)."""
         params = self._params()
+        self._fused = None  # derived from the old weights
         with torch.no_grad():
-            for name, tensor in self._staged.items():
-                params[name].copy_(tensor)
-        self._staged, self._fused = {}, None
-
-    def _discard(self) -> None:
-        self._staged = {}
+            for name, tensor in pairs:
+                params[name].copy_(tensor, non_blocking=True)
 
     # --- lifecycle (nothing to release: the model lives in the trainer's process) -----------
 
@@ -228,4 +223,4 @@ class EmbeddedEngine(StagedWeightUpdates):
         pass
 
     def close(self) -> None:
-        self.abort_update()
+        pass

@@ -8,18 +8,19 @@ the sampled token under the distribution it was actually drawn from, computed in
 *raw* (T=1) log-probs by default; the vLLM engine asks for ``logprobs_mode="processed_logprobs"``,
 which is exactly the convention above.
 
-Weight updates happen in one *update session*: ``begin_update()``, then ``update_weights(bucket)``
-any number of times, then ``finish_update()``. Every bucket is checked against the engine's
-current weights (known name, same shape, not sent twice) before anything reaches the engine, and
-``finish_update()`` refuses to commit unless every weight arrived: a partial update of vLLM
-"succeeds" with warnings and leaves wrong outputs, and a failed reload kills the engine, so the
-engine only ever sees complete, validated weight sets. ``update_weights`` outside a session is a
-one-shot session (it must carry the full set).
+Weight updates stream (``load_weights``): the sender first declares a *manifest* (every HF
+name it will send, with its shape); the engine refuses it, untouched, unless it names exactly
+the engine's weights with their shapes (a partial update of vLLM "succeeds" with warnings and
+leaves wrong outputs). Then the tensors stream in and each is checked against the manifest
+and loaded as it arrives: no engine stages a whole model. A stream that breaks after loading
+started (the sender failed, a tensor went missing) leaves the engine *partial*: it refuses to
+generate until a complete update succeeds. ``update_weights(pairs)`` is a one-shot stream
+whose manifest is the pairs themselves.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
@@ -97,15 +98,15 @@ class RolloutEngine(Protocol):
         on which engine or batch draws them (where the engine supports per-request seeds)."""
         ...
 
-    def begin_update(self) -> None: ...
-
-    def update_weights(self, named_tensors: NamedTensors) -> None:
-        """Stage ``(hf_name, tensor)`` pairs (inside a session) or replace all weights (outside)."""
+    def load_weights(self, named_tensors: NamedTensors,
+                     manifest: Mapping[str, tuple[int, ...]], bucket_bytes: int) -> None:
+        """Stream ``(hf_name, tensor)`` pairs declared by ``manifest`` into the engine (see the
+        module docstring); ``bucket_bytes`` bounds what an out-of-process engine has in flight."""
         ...
 
-    def finish_update(self) -> None: ...
-
-    def abort_update(self) -> None: ...
+    def update_weights(self, named_tensors: NamedTensors) -> None:
+        """Replace all weights with the given ``(hf_name, tensor)`` pairs (the full set)."""
+        ...
 
     def sleep(self) -> None:
         """Release device memory (weights offloaded, KV cache freed) until ``wake_up``."""
@@ -120,106 +121,103 @@ class RolloutEngine(Protocol):
 
 @dataclass
 class WeightUpdateSession:
-    """Checks a stream of ``(name, tensor)`` against the engine's weights before they are sent.
+    """Checks a declared manifest, then the stream of ``(name, tensor)`` it announced, against
+    the engine's weights.
 
     ``expected`` maps each HF parameter name the engine holds to its shape. Raises ``ValueError``
-    (and the engine must not have been touched) on an unknown name, a shape mismatch, a repeat,
-    or, in ``check_complete``, a missing weight.
+    on an unknown name, a shape mismatch, a repeat, or a missing weight.
     """
 
     expected: Mapping[str, tuple[int, ...]]
     seen: set[str] = field(default_factory=set)
     bytes: int = 0
 
-    def check(self, name: str, tensor: torch.Tensor) -> None:
-        shape = self.expected.get(name)
-        if shape is None:
+    def check_manifest(self, manifest: Mapping[str, tuple[int, ...]]) -> None:
+        """Before anything is loaded: ``manifest`` must be exactly the engine's weights."""
+        for name, shape in manifest.items():
+            self._check_name_shape(name, shape)
+        missing = sorted(set(self.expected) - set(manifest))
+        if missing:
+            raise ValueError(
+                f"weight update: partial update rejected, {len(missing)} of {len(self.expected)} "
+                f"parameters are not in the update (e.g. {missing[:5]}). Send the full set of "
+                "weights: vLLM silently keeps stale or corrupted weights after a partial reload."
+            )
+
+    def _check_name_shape(self, name: str, shape) -> None:
+        want = self.expected.get(name)
+        if want is None:
             near = sorted(self.expected)[:5]
             raise ValueError(
                 f"weight update: unknown parameter {name!r}; the engine's model has "
                 f"{len(self.expected)} parameters named like {near}. Convert names to the HF "
                 "checkpoint layout before syncing (tied lm_head weights must be dropped)."
             )
-        if tuple(tensor.shape) != tuple(shape):
+        if tuple(shape) != tuple(want):
             raise ValueError(
-                f"weight update: {name!r} has shape {tuple(tensor.shape)}, the engine's model "
-                f"expects {tuple(shape)}."
+                f"weight update: {name!r} has shape {tuple(shape)}, the engine's model "
+                f"expects {tuple(want)}."
             )
+
+    def check(self, name: str, tensor: torch.Tensor) -> None:
+        self._check_name_shape(name, tensor.shape)
         if name in self.seen:
-            raise ValueError(f"weight update: {name!r} was sent twice in one update session.")
+            raise ValueError(f"weight update: {name!r} was sent twice in one update.")
         self.seen.add(name)
         self.bytes += tensor.numel() * tensor.element_size()
 
-    def check_complete(self) -> None:
+    def checked(self, named_tensors: NamedTensors) -> Iterator[tuple[str, torch.Tensor]]:
+        """``named_tensors``, each checked as it passes; at the end, every weight must have
+        come."""
+        for name, tensor in named_tensors:
+            self.check(name, tensor)
+            yield name, tensor
         missing = sorted(set(self.expected) - self.seen)
         if missing:
             raise ValueError(
-                f"weight update: partial update rejected, {len(missing)} of {len(self.expected)} "
-                f"parameters were not sent (e.g. {missing[:5]}). Send the full set of weights: "
-                "vLLM silently keeps stale or corrupted weights after a partial reload."
+                f"weight update: the stream ended without {len(missing)} of the "
+                f"{len(self.expected)} announced parameters (e.g. {missing[:5]})."
             )
 
 
-class StagedWeightUpdates:
-    """``begin_update`` / ``update_weights`` / ``finish_update`` / ``abort_update`` for
-    engines that stage checked buckets and apply them all at once.
-
-    An engine supplies ``_expected_shapes()`` (HF name -> shape), ``_stage(bucket)`` (keep a
-    checked ``{name: cpu tensor}`` bucket, not applied yet; the tensors may be views of the
-    caller's buffers, so an engine that holds them past the call copies them),
-    ``_commit()`` (apply everything staged) and ``_discard()`` (drop it). ``update_weights``
-    outside a session is a one-shot session of its own. Nothing is applied unless the whole
-    set arrived.
+class StreamedWeightLoads:
+    """``load_weights`` / ``update_weights`` for engines that load checked tensors as they
+    arrive. An engine supplies ``_expected_shapes()`` (HF name -> shape) and
+    ``_load_stream(pairs, bucket_bytes)`` (consume the checked pairs, loading each; the
+    tensors may be views of the caller's buffers or live trainer parameters, valid only until
+    the next one is drawn), and calls ``_require_complete()`` before generating.
     """
 
-    _session: WeightUpdateSession | None = None
+    _partial: str | None = None
 
-    def begin_update(self) -> None:
-        if self._session is not None:
-            raise RuntimeError("begin_update: an update session is already open.")
-        self._discard()
-        self._session = WeightUpdateSession(expected=self._expected_shapes())
+    def load_weights(self, named_tensors: NamedTensors,
+                     manifest: Mapping[str, tuple[int, ...]], bucket_bytes: int = 256 << 20,
+                     ) -> int:
+        """Returns the bytes loaded. Raises ``ValueError`` (engine untouched) on a bad manifest;
+        on a stream that breaks after loading began, the engine stays partial and it raises."""
+        session = WeightUpdateSession(expected=self._expected_shapes())
+        session.check_manifest(manifest)
+        self._partial = "a weight update was interrupted after it had started loading"
+        self._load_stream(session.checked(named_tensors), bucket_bytes)
+        self._partial = None
+        return session.bytes
 
     def update_weights(self, named_tensors: NamedTensors) -> None:
-        if self._session is None:
-            self.begin_update()
-            try:
-                self.update_weights(named_tensors)
-                self.finish_update()
-            except BaseException:
-                self.abort_update()
-                raise
-            return
-        bucket = {}
-        for name, tensor in named_tensors:
-            self._session.check(name, tensor)
-            bucket[name] = tensor.detach().to("cpu").contiguous()
-        if bucket:
-            self._stage(bucket)
+        pairs = list(named_tensors)
+        names = [n for n, _ in pairs]
+        if len(set(names)) != len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise ValueError(f"weight update: {dup!r} was sent twice in one update.")
+        self.load_weights(pairs, {n: tuple(t.shape) for n, t in pairs})
 
-    def finish_update(self) -> None:
-        if self._session is None:
-            raise RuntimeError("finish_update: no update session is open (call begin_update).")
-        try:
-            self._session.check_complete()
-        except ValueError:
-            self.abort_update()
-            raise
-        self._session = None
-        self._commit()
-
-    def abort_update(self) -> None:
-        self._session = None
-        self._discard()
+    def _require_complete(self) -> None:
+        if self._partial is not None:
+            raise RuntimeError(
+                f"the rollout engine holds a partial weight set ({self._partial}); run a "
+                "complete weight update (or restart the engine) before generating")
 
     def _expected_shapes(self) -> Mapping[str, tuple[int, ...]]:
         raise NotImplementedError
 
-    def _stage(self, bucket: dict[str, torch.Tensor]) -> None:
-        raise NotImplementedError
-
-    def _commit(self) -> None:
-        raise NotImplementedError
-
-    def _discard(self) -> None:
+    def _load_stream(self, pairs: Iterator[tuple[str, torch.Tensor]], bucket_bytes: int) -> None:
         raise NotImplementedError

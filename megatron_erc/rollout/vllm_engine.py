@@ -3,12 +3,13 @@
 vLLM is imported when an engine is built, never at module import. Install the CPU build with
 ``scripts/install_vllm.sh``.
 
-Weight updates never restart the engine or write a checkpoint: the buckets of an update session
-travel as safetensors bytes (raw tensors arrive broken across vLLM's process boundary) to
-``WeightReloadExtension``, a worker extension that stages them in the worker;
-``finish_update`` then has the worker run ``model_runner.reload_weights`` once, with the full
-set. Names and shapes are checked against the checkpoint the engine was loaded from before any
-byte is sent (see ``weight_sync.py`` for why updates are staged and committed at once).
+Weight updates never restart the engine or write a checkpoint, and never stage a whole model:
+the checked stream goes into the worker's ``model_runner.reload_weights`` (vLLM's layer-wise
+reload, which processes each layer as soon as its weights are complete). In process (CPU
+default: ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` and one worker) the trainer's tensors are passed
+straight through; with worker processes they travel through shared-memory slots
+(``shm_stream.py``). The manifest is checked against the checkpoint the engine was loaded from
+before any byte moves (see ``engine.py``).
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import math
 import os
 from pathlib import Path
 
 import torch
 
-from .engine import Sample, SamplingConfig, StagedWeightUpdates
+from .engine import Sample, SamplingConfig, StreamedWeightLoads
 
 VLLM_VERSION = "0.32.0"
 
@@ -33,20 +35,31 @@ def vllm_available() -> bool:
 class WeightReloadExtension:
     """Mixed into vLLM's worker class (``worker_extension_cls``); methods run in the worker."""
 
-    def erc_stage_weights(self, payload: bytes) -> int:
-        from safetensors.torch import load
+    def erc_load_local(self, pairs) -> None:
+        """In process: the trainer's checked iterator, straight into the layer-wise reload."""
+        self.model_runner.reload_weights(weights_iterator=pairs)
 
-        staged = self.__dict__.setdefault("_erc_staged", {})
-        staged.update(load(payload))
-        return len(staged)
+    def erc_load_from_shm(self, spec: dict) -> None:
+        """Worker process: the tensors arrive through the sender's shared-memory slots."""
+        from megatron_erc.rollout.shm_stream import receive
 
-    def erc_commit_weights(self) -> int:
-        staged = self.__dict__.pop("_erc_staged", {})
-        self.model_runner.reload_weights(weights_iterator=list(staged.items()))
-        return len(staged)
+        cache = self.__dict__.setdefault("_erc_segments", {})
+        self.model_runner.reload_weights(weights_iterator=receive(spec, cache))
 
-    def erc_discard_weights(self) -> None:
-        self.__dict__.pop("_erc_staged", None)
+    def erc_memory(self, reset_peak: bool = False) -> dict[str, int]:
+        """Diagnostics (tests, benchmarks): this worker's resident bytes, their peak since the
+        last reset, and the shared-memory part (``/proc/self/status``)."""
+        if reset_peak:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS
+        fields = {"VmRSS": "rss", "VmHWM": "peak", "RssShmem": "shmem"}
+        out = {}
+        with open("/proc/self/status") as f:
+            for line in f:
+                key = line.split(":")[0]
+                if key in fields:
+                    out[fields[key]] = int(line.split()[1]) * 1024
+        return out
 
 
 def checkpoint_shapes(model_dir: str | os.PathLike) -> dict[str, tuple[int, ...]]:
@@ -111,7 +124,7 @@ def check_cpu_head_dim(model_dir: Path) -> None:
         )
 
 
-class VLLMEngine(StagedWeightUpdates):
+class VLLMEngine(StreamedWeightLoads):
     """``RolloutEngine`` over ``vllm.LLM`` loaded from a local HF directory.
 
     ``multiprocessing``: None keeps the engine in this process on CPU
@@ -155,6 +168,10 @@ class VLLMEngine(StagedWeightUpdates):
         import vllm
 
         self.model_dir = Path(model_dir)
+        self._workers = tensor_parallel_size
+        self._in_process = (tensor_parallel_size == 1
+                            and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0")
+        self._sender = None
         if not on_gpu:
             check_cpu_head_dim(self.model_dir)
         self._expected = checkpoint_shapes(model_dir)
@@ -220,6 +237,7 @@ class VLLMEngine(StagedWeightUpdates):
                 detokenize=False,
             )
 
+        self._require_complete()
         prompts = [{"prompt_token_ids": list(p)} for p in prompt_token_ids]
         outputs = self.llm.generate(
             prompts, [params(i) for i in range(len(prompts))], use_tqdm=False
@@ -240,18 +258,19 @@ class VLLMEngine(StagedWeightUpdates):
     def _expected_shapes(self) -> dict[str, tuple[int, ...]]:
         return self._expected
 
-    def _stage(self, bucket: dict[str, torch.Tensor]) -> None:
-        from safetensors.torch import save
+    def _load_stream(self, pairs, bucket_bytes: int) -> None:
+        if self._in_process:
+            self.llm.collective_rpc("erc_load_local", args=(pairs,))
+        else:
+            from .shm_stream import ShmSender
 
-        self.llm.collective_rpc("erc_stage_weights", args=(save(bucket),))
-
-    def _commit(self) -> None:
-        self.llm.collective_rpc("erc_commit_weights")
+            if self._sender is None:
+                largest = max(math.prod(s) for s in self._expected.values()) * 4  # fp32
+                self._sender = ShmSender(max(bucket_bytes, largest))
+            self._sender.stream(pairs, self._sender.slot_bytes, self._workers, lambda spec:
+                                self.llm.collective_rpc("erc_load_from_shm", args=(spec,)))
         # Cached KV blocks of old prompts were computed with the old weights.
         self.llm.reset_prefix_cache()
-
-    def _discard(self) -> None:
-        self.llm.collective_rpc("erc_discard_weights")
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -268,6 +287,9 @@ class VLLMEngine(StagedWeightUpdates):
             self.llm.wake_up(tags=tags)
 
     def close(self) -> None:
+        sender, self._sender = self._sender, None
+        if sender is not None:
+            sender.close()
         llm = self.__dict__.pop("llm", None)
         if llm is None:
             return

@@ -1,40 +1,43 @@
-"""Trainer -> rollout-engine weight sync in bounded buckets.
+"""Trainer -> rollout-engine weight sync: three paths, one protocol (``engine.load_weights``).
 
 ``named_tensors`` is consumed lazily (typically a generator that gathers and converts one
-Megatron parameter at a time to HF layout), so the sender holds at most one bucket of
-converted tensors. The buckets go into one update session of the engine
-(``begin_update`` / ``update_weights(bucket)`` / ``finish_update``):
+Megatron parameter at a time to HF layout), so the sender holds at most one converted tensor
+(plus one bucket where buckets exist). The sender declares a manifest first (every name and
+shape); the engine refuses a manifest that is not exactly its weights before anything moves.
 
-* each bucket is validated (names, shapes, repeats) before it reaches the engine;
-* nothing is applied until ``finish_update`` has checked that every weight arrived.
-
-Why commit at the end instead of applying bucket by bucket: vLLM reloads weights layer-wise in
-one ``reload_weights`` call (fused QKV / gate-up weights and the CPU backend's oneDNN repacking
-need all pieces of a layer), a partial reload "succeeds" with warnings and leaves wrong outputs,
-and a failed one is fatal to the engine. So the vLLM engine stages buckets inside its worker
-(one model copy on the inference side, none on the trainer side beyond the current bucket) and
-reloads once; a missing weight aborts the session with the old weights still serving.
+1. **In process** (the embedded engine; vLLM with its worker in the trainer's process): the
+   tensors go straight into the engine's loader, no copy but the load itself.
+2. **Worker processes on this host** (vLLM's multiprocessing executor, ``rollout.tp > 1``):
+   ``shm_stream``: two shared-memory slots of ``bucket_bytes``, a small message per bucket, the
+   worker loads each bucket as it arrives.
+3. **Engines on other ranks or nodes** (``broadcast_weights`` / ``receive_broadcast``): buckets
+   broadcast over a process group shared by the sender and the engines' ranks (NCCL on GPU,
+   gloo on CPU); each bucket is preceded by a one-element status, so a failing sender makes
+   the receivers raise instead of waiting in a collective it will never join.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Iterable, Iterator
+import weakref
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from .engine import RolloutEngine
+
+Manifest = Mapping[str, tuple[int, ...]]
 
 
 @dataclass
 class SyncStats:
     bytes: int
-    """Payload bytes sent (sum of tensor sizes as given)."""
+    """Payload bytes loaded (sum of tensor sizes as sent)."""
     seconds: float
-    """Wall time from ``begin_update`` to the end of ``finish_update``."""
-    buckets: int
-    """Number of ``update_weights`` calls."""
+    """Wall time of the whole update."""
 
     @property
     def bytes_per_second(self) -> float:
@@ -67,22 +70,84 @@ def sync_weights(
     engine: RolloutEngine,
     named_tensors: Iterable[tuple[str, torch.Tensor]],
     bucket_bytes: int = 256 << 20,
+    manifest: Manifest | None = None,
 ) -> SyncStats:
-    """Send all weights to ``engine`` in buckets within one update session.
-
-    On any error (a rejected name or shape, a missing weight) the session is aborted, the engine
-    keeps its previous weights, and the error propagates.
-    """
+    """Stream all weights into ``engine``. ``manifest`` (name -> shape of everything that
+    will be sent, in any order) lets the engine refuse a partial or mismatched set before
+    anything is loaded; None: ``named_tensors`` is materialised and is its own manifest.
+    A refused manifest leaves the engine's weights untouched; a stream that breaks later
+    leaves the engine partial (it refuses to generate until a complete update)."""
     start = time.perf_counter()
-    total = buckets = 0
-    engine.begin_update()
+    if manifest is None:
+        named_tensors = list(named_tensors)
+        manifest = {n: tuple(t.shape) for n, t in named_tensors}
+    nbytes = engine.load_weights(named_tensors, manifest, bucket_bytes)
+    return SyncStats(bytes=nbytes, seconds=time.perf_counter() - start)
+
+
+def release_views(refs: list[weakref.ref]) -> None:
+    """Give the tensors among ``refs`` that are still alive (a loader holds them until their
+    layer is complete) storage of their own, so the buffer they view can be reused."""
+    for ref in refs:
+        t = ref()
+        if t is not None:
+            t.set_(t.clone())
+
+
+def _plan(manifest: Manifest, element_size: int, bucket_bytes: int):
+    """Buckets of ``(name, shape, offset, numel)`` in manifest order; both sides of a broadcast
+    compute the same plan from the same manifest."""
+    bucket, offset = [], 0
+    for name, shape in manifest.items():
+        numel = math.prod(shape)
+        if bucket and (offset + numel) * element_size > bucket_bytes:
+            yield bucket, offset
+            bucket, offset = [], 0
+        bucket.append((name, tuple(shape), offset, numel))
+        offset += numel
+    if bucket:
+        yield bucket, offset
+
+
+def broadcast_weights(named_tensors: Iterable[tuple[str, torch.Tensor]], manifest: Manifest,
+                      group, src: int, *, dtype: torch.dtype, device, bucket_bytes: int) -> int:
+    """The sender (global rank ``src``): ``named_tensors`` in manifest order, cast to ``dtype``,
+    broadcast bucket by bucket over ``group``. Returns the bytes sent. A name out of order, a
+    wrong shape or an error of the iterator aborts every receiver (and raises here)."""
+    it, sent = iter(named_tensors), 0
+    status = torch.ones(1, dtype=torch.int64, device=device)
     try:
-        for bucket in stream_in_buckets(named_tensors, bucket_bytes):
-            engine.update_weights(bucket)
-            total += sum(t.numel() * t.element_size() for _, t in bucket)
-            buckets += 1
-        engine.finish_update()
+        for bucket, numel in _plan(manifest, torch.empty((), dtype=dtype).element_size(),
+                                   bucket_bytes):
+            buf = torch.empty(numel, dtype=dtype, device=device)
+            for name, shape, offset, n in bucket:
+                got, t = next(it, (None, None))
+                if got != name or tuple(t.shape) != shape:
+                    raise ValueError(f"weight broadcast: expected {name!r} {shape} next, got "
+                                     f"{got!r} {None if t is None else tuple(t.shape)}")
+                buf[offset:offset + n].view(shape).copy_(t)
+            dist.broadcast(status, src, group=group)
+            dist.broadcast(buf, src, group=group)
+            sent += buf.numel() * buf.element_size()
     except BaseException:
-        engine.abort_update()
+        status.zero_()
+        dist.broadcast(status, src, group=group)
         raise
-    return SyncStats(bytes=total, seconds=time.perf_counter() - start, buckets=buckets)
+    return sent
+
+
+def receive_broadcast(manifest: Manifest, group, src: int, *, dtype: torch.dtype, device,
+                      bucket_bytes: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """A receiver: ``(name, tensor)`` views of each received bucket, for
+    ``engine.load_weights``. Raises if the sender aborted."""
+    status = torch.empty(1, dtype=torch.int64, device=device)
+    for bucket, numel in _plan(manifest, torch.empty((), dtype=dtype).element_size(),
+                               bucket_bytes):
+        dist.broadcast(status, src, group=group)
+        if not int(status.item()):
+            raise RuntimeError("weight broadcast: the sender aborted the update")
+        buf = torch.empty(numel, dtype=dtype, device=device)
+        dist.broadcast(buf, src, group=group)
+        for name, shape, offset, n in bucket:
+            yield name, buf[offset:offset + n].view(shape)
+        del buf  # a fresh buffer per bucket: views a loader still holds stay valid

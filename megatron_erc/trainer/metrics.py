@@ -126,7 +126,7 @@ def _declared() -> dict[str, Reduce]:
     return {**{k: Reduce.SAME for k in same}, **{k: Reduce.MAX for k in slowest},
             **{k: Reduce.TOKEN_SUM for k in POLICY_LOSS_METRICS | {"loss"}},
             **{k: Reduce.QUANTILE for k in NON_ADDITIVE_METRICS},
-            "tokens_per_s": Reduce.MEAN}
+            "tokens_per_s": Reduce.MEAN, "sync/gib_per_s": Reduce.MEAN}
 
 
 REDUCTIONS: dict[str, Reduce] = {}

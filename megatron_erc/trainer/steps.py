@@ -125,9 +125,11 @@ def update(cfg, actor, mini: list[MicroBatch]) -> dict:
 
 
 def sync_engine(cfg, actor, engine) -> dict:
-    """Stream the updated weights into this rank's engine in buckets (every rank calls it;
-    ranks without an engine, the non-leader ranks of a tensor-parallel engine, only take part
-    in the gathers)."""
+    """Stream the updated weights into this rank's engine (every rank calls it; ranks without
+    an engine, the non-leader ranks of a tensor-parallel engine, only take part in the
+    gathers). The manifest (every HF name and shape, from the model config) goes first, so an
+    engine refuses a mismatched set before anything is loaded."""
+    from megatron_erc.models.hf_adapter import HFLayout
     from megatron_erc.rollout import sync_weights
 
     weights = actor.full_hf_weights()
@@ -135,5 +137,7 @@ def sync_engine(cfg, actor, engine) -> dict:
         for _ in weights:
             pass
         return {}
-    stats = sync_weights(engine, weights, cfg.rollout.weight_sync_bucket_mb << 20)
-    return {"sync/bytes": float(stats.bytes), "sync/seconds": stats.seconds}
+    stats = sync_weights(engine, weights, cfg.rollout.weight_sync_bucket_mb << 20,
+                         manifest=HFLayout.from_config(actor.hf_config).hf_shapes())
+    return {"sync/bytes": float(stats.bytes), "sync/seconds": stats.seconds,
+            "sync/gib_per_s": stats.bytes_per_second / 2**30}

@@ -125,14 +125,36 @@ def test_bucketed_sync_changes_outputs_like_a_fresh_model(tiny_model):
     new = perturbed_state_dict(tiny_model)
     cfg = SamplingConfig(temperature=0, max_tokens=8)
     old_out = eng.generate(PROMPTS, cfg)
-    stats = sync_weights(eng, iter(new.items()), bucket_bytes=64 << 10)
-    assert stats.buckets > 1 and stats.bytes == sum(t.numel() * 4 for t in new.values())
+    # a generator with its manifest declared up front: each tensor loads as it arrives
+    stats = sync_weights(eng, iter(new.items()), bucket_bytes=64 << 10,
+                         manifest={n: tuple(t.shape) for n, t in new.items()})
+    assert stats.bytes == sum(t.numel() * 4 for t in new.values())
     fresh = build_tiny_model()
     fresh.load_state_dict(new, strict=False)
     ref = EmbeddedEngine(fresh).generate(PROMPTS, cfg)
     got = eng.generate(PROMPTS, cfg)
     assert [g[0].token_ids for g in got] == [r[0].token_ids for r in ref]
     assert [g[0].token_ids for g in got] != [o[0].token_ids for o in old_out]
+
+
+def test_a_refused_manifest_leaves_weights_and_a_broken_stream_blocks_generation(tiny_model):
+    eng = EmbeddedEngine(build_tiny_model())
+    cfg = SamplingConfig(temperature=0, max_tokens=6)
+    before = eng.generate(PROMPTS, cfg)
+    new = perturbed_state_dict(tiny_model)
+    full = {n: tuple(t.shape) for n, t in new.items()}
+    dropped = dict(list(full.items())[:-1])  # the sender would skip a bucket: refused up front
+    with pytest.raises(ValueError, match="partial update rejected"):
+        sync_weights(eng, iter(new.items()), manifest=dropped)
+    assert [g[0].token_ids for g in eng.generate(PROMPTS, cfg)] == \
+        [g[0].token_ids for g in before]
+    # the stream breaks after loading began (a tensor announced but never sent)
+    with pytest.raises(ValueError, match="stream ended without 1"):
+        sync_weights(eng, iter(list(new.items())[:-1]), manifest=full)
+    with pytest.raises(RuntimeError, match="partial weight set"):
+        eng.generate(PROMPTS, cfg)
+    sync_weights(eng, iter(new.items()), manifest=full)  # a complete update heals it
+    assert eng.generate(PROMPTS, cfg)
 
 
 def test_stream_in_buckets_bounds_bucket_size():
