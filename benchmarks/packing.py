@@ -62,7 +62,7 @@ def main() -> None:
     from transformers import AutoConfig
 
     from megatron_erc import platform
-    from megatron_erc.config_io import load_config
+    from megatron_erc.config import load_config
     from megatron_erc.models import ParallelConfig
     from megatron_erc.trainer.actor import Actor, OptimConfig
     from megatron_erc.trainer.config import TrainConfig

@@ -56,7 +56,7 @@ def run_ours(args, out: dict) -> None:
     progress lines (metrics reduction, logging and TensorBoard writes included)."""
     import torch
 
-    from megatron_erc.config_io import load_config
+    from megatron_erc.config import load_config
     from megatron_erc.trainer import metrics, run
     from megatron_erc.trainer.config import TrainConfig
 
@@ -242,7 +242,7 @@ def main() -> None:
     if (args.prompts * args.n) % args.updates:
         sys.exit("--prompts * --n must be divisible by --updates (equal mini-batches)")
 
-    from megatron_erc.demo import prepare
+    from megatron_erc.cli.demo import prepare
 
     systems = [f"ours:{e}" for e in args.engines.split(",")] + ["trl"]
     with tempfile.TemporaryDirectory() as task:

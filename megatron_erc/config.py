@@ -1,8 +1,27 @@
-"""YAML files and ``a.b.c=value`` overrides onto nested config dataclasses.
+"""Every config section of a run, and YAML files with ``a.b.c=value`` overrides onto them.
 
 One surface for every command: ``load_config(TrainConfig, "run.yaml", ["algo.erc.low=0.9"])``.
 Unknown keys and invalid values are rejected at start with the dotted field name and what
-the field accepts; each dataclass's own ``__post_init__`` does the value checks.
+the field accepts; each dataclass's own ``__post_init__`` does the value checks, and
+``TrainConfig`` / ``SFTConfig`` the checks across sections.
+
+The section classes live next to the code that reads them and are all importable from here:
+
+========================  ===================================================
+``run``                   :class:`RunConfig`
+``model``                 :class:`ModelConfig`
+``parallel``              :class:`ParallelConfig` (``models/gpt.py``)
+``optim``                 :class:`OptimConfig` (``trainer/actor.py``)
+``rollout``               :class:`RolloutConfig`
+``algo``                  :class:`PolicyLossConfig`, ``algo.erc``: :class:`ErcConfig`
+``overlong``              :class:`OverlongConfig`
+``data``                  :class:`PromptDataConfig` (``data/prompts.py``)
+``validation``            :class:`ValidationConfig`
+``checkpoint``            :class:`CheckpointConfig`
+========================  ===================================================
+
+``TrainConfig`` (``megatron-erc train`` / ``eval``) and ``SFTConfig`` (``sft``) are in
+``trainer/config.py`` with ``run``, ``model``, ``rollout``, ``validation`` and ``checkpoint``.
 """
 
 from __future__ import annotations
@@ -15,9 +34,32 @@ from typing import Any
 
 import yaml
 
+from megatron_erc.algorithms.config import ErcConfig, OverlongConfig, PolicyLossConfig
+from megatron_erc.data.prompts import PromptDataConfig
 from megatron_erc.errors import ConfigError
+from megatron_erc.models.gpt import ParallelConfig
+from megatron_erc.trainer.actor import OptimConfig
+from megatron_erc.trainer.config import (
+    CheckpointConfig,
+    ModelConfig,
+    RolloutConfig,
+    RunConfig,
+    SFTConfig,
+    TrainConfig,
+    ValidationConfig,
+)
 
-__all__ = ["ConfigError", "from_dict", "load_config", "to_dict"]
+__all__ = ["CheckpointConfig", "ConfigError", "ErcConfig", "ModelConfig", "OptimConfig",
+           "OverlongConfig", "ParallelConfig", "PolicyLossConfig", "PromptDataConfig",
+           "RolloutConfig", "RunConfig", "SFTConfig", "TrainConfig", "ValidationConfig",
+           "from_dict", "load_config", "to_dict"]
+
+# Fields that were removed or never had an effect: setting one is an error that says where
+# the setting lives (an unknown-field message alone would not).
+MOVED_FIELDS = {
+    "run.warmup_steps": "optim.warmup_steps (run.warmup_steps was never read: the learning-"
+                        "rate warmup is the optimizer's)",
+}
 
 
 def load_config(cls, path: str | Path | None = None, overrides: list[str] = ()):
@@ -61,8 +103,11 @@ def from_dict(cls, data: Any, prefix: str = ""):
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
+    where = f"{prefix}." if prefix else ""
+    for u in unknown:
+        if where + u in MOVED_FIELDS:
+            raise ConfigError(f"{where}{u} is not a config field; set {MOVED_FIELDS[where + u]}")
     if unknown:
-        where = f"{prefix}." if prefix else ""
         raise ConfigError(f"unknown config field(s) {', '.join(where + u for u in unknown)}; "
                           f"valid fields here: {', '.join(sorted(fields))}")
     kwargs = {}

@@ -6,7 +6,7 @@
 
 import sys
 
-from megatron_erc.convert_cli import main
+from megatron_erc.cli.convert import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from megatron_erc.errors import ConfigError  # the CLI prints it without a traceback
+
 GIB = 1024**3
 
 
 def check_engine_memory(gpu_memory_utilization: float, *, device_index: int = 0,
                         mem_get_info: Callable[[], tuple[int, int]] | None = None) -> None:
     """Raise ``ValueError`` when ``gpu_memory_utilization`` is outside ``(0, 1]``, or
-    ``config_io.ConfigError`` (a ``ValueError`` the CLI reports in one line) when less than
+    ``errors.ConfigError`` (a ``ValueError`` the CLI reports in one line) when less than
     ``gpu_memory_utilization * total`` bytes are free on the device.
 
     ``mem_get_info() -> (free, total)`` bytes defaults to ``torch.cuda.mem_get_info`` of
@@ -35,8 +37,6 @@ def check_engine_memory(gpu_memory_utilization: float, *, device_index: int = 0,
     free, total = mem_get_info()
     wanted = gpu_memory_utilization * total
     if free < wanted:
-        from megatron_erc.config_io import ConfigError  # the CLI prints it without a traceback
-
         fits = _floor2(free / total)
         lower = (f"Lower rollout.gpu_memory_utilization to at most {fits}, or set"
                  if fits > 0 else "Set")

@@ -60,6 +60,11 @@ class OptimConfig:
                              f"got {self.decay_style!r}")
         if self.decay_style != "constant" and not self.decay_steps:
             raise ValueError("optim.decay_steps must be set for a linear or cosine decay")
+        if self.decay_style == "constant" and (self.decay_steps or self.min_lr):
+            raise ValueError(
+                f"optim.decay_steps ({self.decay_steps}) and optim.min_lr ({self.min_lr}) shape "
+                "a decaying schedule and have no effect with optim.decay_style=constant; set "
+                "decay_style to linear or cosine, or leave them unset")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"optim.min_lr must be in [0, lr], got {self.min_lr}")
         if not self.clip_grad > 0:

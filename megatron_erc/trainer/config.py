@@ -1,8 +1,12 @@
-"""The one config of a training run: nested dataclasses, one YAML/CLI surface on top.
+"""The configs of the commands: ``TrainConfig`` (``train``, ``eval``) and ``SFTConfig``
+(``sft``), nested dataclasses with one YAML/CLI surface on top (``megatron_erc.config``,
+which also re-exports every section class).
 
 Sections: ``run``, ``model``, ``parallel``, ``optim``, ``rollout``, ``algo`` (the policy loss:
 surrogate, clipping, ERC, TIS, positive NLL), ``overlong``, ``data``, ``validation``,
-``checkpoint``. Override any field from the command line: ``algo.erc.low=0.9``.
+``checkpoint``. Override any field from the command line: ``algo.erc.low=0.9``. Each section
+checks its own values; the checks across sections are in ``TrainConfig.__post_init__`` and
+``SFTConfig.__post_init__``.
 """
 
 from __future__ import annotations
@@ -23,13 +27,16 @@ class RunConfig:
     """Where the run lives and how long it is."""
 
     dir: str = "runs/default"
-    """Run directory: metrics.jsonl, TensorBoard events, checkpoints, config.yaml."""
+    """Run directory: metrics.jsonl, TensorBoard events, checkpoints, config.json."""
     seed: int = 0
     """Seed of prompt order, sampling and initialisation."""
     steps: int = 20
     """RL steps (rollout -> update -> sync rounds)."""
     updates_per_rollout: int = 4
-    """Mini-batch updates per rollout; all but the first are off-policy (where ERC acts)."""
+    """Mini-batch updates per rollout; all but the first are off-policy (where ERC acts).
+    Mini-batches are runs of ``ceil(rollout.prompts_per_step / updates_per_rollout)``
+    consecutive groups, so a full step must split into exactly this many (checked at start);
+    a step that kept fewer groups (dynamic sampling ran out of rounds) makes fewer."""
     micro_batch_size: int = 32
     """Sequences per forward/backward micro-batch (without ``max_tokens_per_micro_batch``)."""
     max_tokens_per_micro_batch: int | None = None
@@ -46,8 +53,6 @@ class RunConfig:
     seq_len: int = 128
     """Longest prompt + response of a training sequence; must hold
     ``data.max_prompt_tokens + rollout.max_response_tokens`` (checked at start)."""
-    warmup_steps: int = 0
-    """Linear learning-rate warmup, in optimizer steps."""
 
     def __post_init__(self):
         for name in ("steps", "updates_per_rollout", "micro_batch_size", "seq_len"):
@@ -56,8 +61,6 @@ class RunConfig:
         if self.max_tokens_per_micro_batch is not None and self.max_tokens_per_micro_batch < 1:
             raise ValueError(f"run.max_tokens_per_micro_batch must be >= 1 or null, got "
                              f"{self.max_tokens_per_micro_batch}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"run.warmup_steps must be >= 0, got {self.warmup_steps}")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -170,6 +173,14 @@ class ValidationConfig:
     def __post_init__(self):
         if self.every < 1 or self.samples_per_prompt < 1:
             raise ValueError("validation.every and validation.samples_per_prompt must be >= 1")
+        if self.samples_per_prompt > 1 and self.temperature == 0:
+            raise ValueError(
+                f"validation.samples_per_prompt={self.samples_per_prompt} with "
+                "validation.temperature=0 (greedy) scores the same response "
+                f"{self.samples_per_prompt} times; set samples_per_prompt=1 or a temperature > 0")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"validation.temperature must be >= 0 and validation.top_p in "
+                             f"(0, 1], got {self.temperature} and {self.top_p}")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -231,3 +242,67 @@ class TrainConfig:
                 f"overlong.max_len ({self.overlong.max_len}) exceeds "
                 f"rollout.max_response_tokens ({self.rollout.max_response_tokens}); "
                 "shaping would never apply. Set them equal (DAPO does).")
+        check_updates(self.run.updates_per_rollout, self.rollout.prompts_per_step)
+
+
+def minibatch_count(groups: int, updates: int) -> int:
+    """Mini-batches ``batch.plan_minibatches`` cuts ``groups`` kept groups into: runs of
+    ``ceil(groups / updates)`` consecutive groups."""
+    per = -(-groups // updates)
+    return -(-groups // per)
+
+
+def check_updates(updates: int, prompts_per_step: int) -> None:
+    """A full step (``prompts_per_step`` kept groups) splits into exactly ``updates``
+    mini-batches; otherwise the run would silently make fewer updates than asked."""
+    made = minibatch_count(prompts_per_step, updates)
+    if made == updates:
+        return
+    fits = [u for u in range(1, prompts_per_step + 1)
+            if minibatch_count(prompts_per_step, u) == u]
+    below = max(u for u in fits if u < updates)
+    above = [u for u in fits if u > updates]
+    nearest = f"{below} or {above[0]}" if above else str(below)
+    raise ValueError(
+        f"run.updates_per_rollout={updates} cannot be met with rollout.prompts_per_step="
+        f"{prompts_per_step}: mini-batches are runs of ceil({prompts_per_step}/{updates}) = "
+        f"{-(-prompts_per_step // updates)} consecutive prompt groups, so a step makes only "
+        f"{made} updates. Set run.updates_per_rollout to {nearest} (or change "
+        "rollout.prompts_per_step)")
+
+
+@dataclasses.dataclass(kw_only=True)
+class SFTConfig:
+    """``megatron-erc sft``: supervised warm start, exported as a Hugging Face directory."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    """Run directory, seed, steps, micro-batch size and sequence length (the RL-only fields
+    ``updates_per_rollout``, ``max_tokens_per_micro_batch`` and ``pack_sequences`` are not
+    used)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Starting model (HF directory) and tokenizer."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """TP / PP split."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
+    """Optimizer."""
+    data: PromptDataConfig | None = None
+    """Prompt file whose records also hold the target completion."""
+    target_field: str = "target"
+    """Record field with the completion to learn."""
+    batch_size: int = 32
+    """Sequences per optimizer step (across data-parallel ranks)."""
+    output_dir: str | None = None
+    """Where the fine-tuned HF directory is written; default RUN_DIR/hf."""
+    logprob_chunk_mb: int = 64
+    """Memory budget (MiB) of the log-prob op's work buffers (as ``algo.logprob_chunk_mb``)."""
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.logprob_chunk_mb < 1:
+            raise ValueError(f"logprob_chunk_mb must be >= 1 (MiB), got {self.logprob_chunk_mb}")
+        if self.run.pack_sequences or self.run.max_tokens_per_micro_batch is not None:
+            raise ValueError(
+                "run.pack_sequences and run.max_tokens_per_micro_batch apply to RL training "
+                "only: sft splits batch_size sequences into micro-batches of "
+                "run.micro_batch_size; unset them")

@@ -6,17 +6,14 @@ loss, a token-mean over the whole mini-batch.
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from pathlib import Path
 
 import torch
 
-from megatron_erc.data.prompts import PromptDataConfig
-from megatron_erc.models import ParallelConfig
-from megatron_erc.trainer.actor import Actor, OptimConfig
+from megatron_erc.trainer.actor import Actor
 from megatron_erc.trainer.batch import MicroBatch, global_token_count
-from megatron_erc.trainer.config import ModelConfig, RunConfig
+from megatron_erc.trainer.config import SFTConfig
 
 
 def pack_sft_batch(tokenizer, prompts: list[str], completions: list[str], seq_len: int,
@@ -58,37 +55,6 @@ def sft_step(actor: Actor, micro_batches: list[MicroBatch], chunk_mb: int = 64) 
     loss = float(sum(m["sft/loss"] for m in metrics)) if metrics else float("nan")
     return {"sft/loss": loss, "grad_norm": grad_norm, "skipped": not applied}
 
-
-
-
-@dataclasses.dataclass(kw_only=True)
-class SFTConfig:
-    """``megatron-erc sft``: supervised warm start, exported as a Hugging Face directory."""
-
-    run: RunConfig = dataclasses.field(default_factory=RunConfig)
-    """Run directory, seed, steps, micro-batch size and sequence length."""
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    """Starting model (HF directory) and tokenizer."""
-    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
-    """TP / PP split."""
-    optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=1e-5))
-    """Optimizer."""
-    data: PromptDataConfig | None = None
-    """Prompt file whose records also hold the target completion."""
-    target_field: str = "target"
-    """Record field with the completion to learn."""
-    batch_size: int = 32
-    """Sequences per optimizer step (across data-parallel ranks)."""
-    output_dir: str | None = None
-    """Where the fine-tuned HF directory is written; default RUN_DIR/hf."""
-    logprob_chunk_mb: int = 64
-    """Memory budget (MiB) of the log-prob op's work buffers (as ``algo.logprob_chunk_mb``)."""
-
-    def __post_init__(self):
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.logprob_chunk_mb < 1:
-            raise ValueError(f"logprob_chunk_mb must be >= 1 (MiB), got {self.logprob_chunk_mb}")
 
 
 def run_sft(cfg: SFTConfig, actor=None, log=print) -> tuple[Path, float]:

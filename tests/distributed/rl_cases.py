@@ -23,7 +23,7 @@ def base_overrides(task: str, run_dir: str, steps: int) -> list[str]:
 def rl_run(rank: int, world: int, task: str, runs: list[tuple[str, list[str]]]) -> list[dict]:
     """``run_train`` once per ``(run_dir, overrides)`` in this world; per run: history,
     optimizer steps, training micro-batches and the kept prompts of every step."""
-    from megatron_erc.config_io import load_config
+    from megatron_erc.config import load_config
     from megatron_erc.rollout import EmbeddedEngine
     from megatron_erc.trainer import rl
     from megatron_erc.trainer.actor import Actor

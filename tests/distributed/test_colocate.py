@@ -17,7 +17,7 @@ STEP2 = ["offload", "wake_up:weights", "sync", "wake_up:kv_cache", "generate", "
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
-    from megatron_erc.demo import prepare
+    from megatron_erc.cli.demo import prepare
 
     root = tmp_path_factory.mktemp("task")
     prepare(root, seed=0)

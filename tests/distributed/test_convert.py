@@ -153,7 +153,7 @@ def test_hf_megatron_hf_is_bit_exact(case):
 
 # ---------------------------------------------------------------- the CLI
 def _cli(*argv: str) -> int:
-    from megatron_erc.convert_cli import main
+    from megatron_erc.cli.convert import main
 
     return main(list(argv))
 

@@ -21,7 +21,7 @@ HALF = ["rollout.reward_fn=tests.e2e.rewards:half_constant_reward"]
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
-    from megatron_erc.demo import prepare
+    from megatron_erc.cli.demo import prepare
 
     root = tmp_path_factory.mktemp("task")
     prepare(root, seed=0)

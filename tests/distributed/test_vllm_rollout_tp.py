@@ -18,7 +18,7 @@ def engines_agree(rank: int, world: int, task: str, trainer_tp: int):
 
     import torch
 
-    from megatron_erc.config_io import load_config
+    from megatron_erc.config import load_config
     from megatron_erc.data.tokenizers import load_tokenizer
     from megatron_erc.rollout import SamplingConfig
     from megatron_erc.trainer.config import TrainConfig
@@ -71,7 +71,7 @@ def _compare(results):
 
 @pytest.mark.parametrize("trainer_tp", [2, 1])
 def test_vllm_rollout_tp2_matches_tp1(trainer_tp, tmp_path_factory):
-    from megatron_erc.demo import prepare
+    from megatron_erc.cli.demo import prepare
 
     root = tmp_path_factory.mktemp("task")
     prepare(root, seed=0)

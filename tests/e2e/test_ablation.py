@@ -18,7 +18,7 @@ TINY = ["rollout.engine=embedded", "rollout.prompts_per_step=4", "rollout.n=4",
 
 def test_ablation_quick_writes_report(tmp_path):
     out, docs = tmp_path / "ablation", tmp_path / "docs"
-    cmd = [sys.executable, "-m", "megatron_erc.ablation", "run", "--quick", "--out", str(out),
+    cmd = [sys.executable, "-m", "megatron_erc.cli.ablation", "run", "--quick", "--out", str(out),
            "--steps", "2", "--sft-steps", "5", "--jobs", "2", "--report", str(docs),
            "--set", *TINY, "--sft-set", "batch_size=8", "run.micro_batch_size=8"]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
@@ -32,7 +32,7 @@ def test_ablation_quick_writes_report(tmp_path):
     for label in ("DAPO", "DAPO+ERC", "GPPO", "GPPO+ERC"):
         assert f"| {label} | 1 |" in md
     assert "entropy fluctuation" in md and "grad-norm spikes" in md
-    assert "python -m megatron_erc.ablation run --quick" in md
+    assert "python -m megatron_erc.cli.ablation run --quick" in md
     for name in ("accuracy", "entropy", "grad_norm", "clip_drop"):
         png = docs / "ablation" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png

@@ -21,7 +21,7 @@ CONFIG = REPO / "examples" / "tiny" / "dapo_erc.yaml"
 
 @pytest.fixture(scope="session")
 def task(tmp_path_factory) -> pathlib.Path:
-    from megatron_erc.demo import prepare
+    from megatron_erc.cli.demo import prepare
 
     root = tmp_path_factory.mktemp("task")
     prepare(root, seed=0)

@@ -76,7 +76,7 @@ def _env() -> dict:
 
 def rl_steps(work: pathlib.Path, steps: int = 3, timeout: float = 300) -> dict:
     """``megatron_erc.cli train`` on the prepared demo task; checks metrics.jsonl."""
-    from megatron_erc.demo import prepare
+    from megatron_erc.cli.demo import prepare
 
     task, run_dir = work / "task", work / "rl"
     prepare(task, seed=0)

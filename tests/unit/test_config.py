@@ -6,7 +6,7 @@ import pathlib
 
 import pytest
 
-from megatron_erc.config_io import ConfigError, load_config
+from megatron_erc.config import ConfigError, load_config
 from megatron_erc.trainer.config import TrainConfig
 from megatron_erc.trainer.sft import SFTConfig
 

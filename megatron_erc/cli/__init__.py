@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
                    add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "convert":
-        from megatron_erc.convert_cli import main as convert_main
+        from megatron_erc.cli.convert import main as convert_main
 
         return convert_main(rest)
     if rest:
@@ -49,10 +49,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> None:
-    from megatron_erc.config_io import load_config
+    from megatron_erc.config import load_config
 
     if args.command == "demo":
-        from megatron_erc.demo import run_demo
+        from megatron_erc.cli.demo import run_demo
 
         run_demo(args.out, sft_steps=args.sft_steps, rl_steps=args.rl_steps, seed=args.seed)
     elif args.command == "train":
@@ -72,10 +72,7 @@ def _run(args) -> None:
         acc = run_eval(load_config(TrainConfig, args.config, args.overrides))
         print(f"[eval] accuracy {acc:.2%}")
     elif args.command == "plot":
-        from megatron_erc.plot import plot_run
+        from megatron_erc.cli.plot import plot_run
 
         print(plot_run(args.run_dir, args.out))
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,8 +1,8 @@
-"""HF <-> Megatron checkpoint conversion CLI (thin wrapper over
+"""``megatron-erc convert``: HF <-> Megatron checkpoint conversion (a thin layer over
 ``megatron_erc.models.hf_checkpoint``).
 
-    python tools/convert.py hf-to-megatron --hf-dir D --out O --tp 2 --pp 1
-    python tools/convert.py megatron-to-hf --ckpt O --out D2 [--tokenizer-dir T]
+    megatron-erc convert hf-to-megatron --hf-dir D --out O --tp 2 --pp 1
+    megatron-erc convert megatron-to-hf --ckpt O --out D2 [--tokenizer-dir T]
 
 Ranks are spawned here (tp * pp for hf-to-megatron, one for megatron-to-hf) unless the
 command runs under torchrun with that many ranks.
@@ -11,7 +11,6 @@ command runs under torchrun with that many ranks.
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,6 +106,3 @@ def _check_ckpt(ckpt: str) -> None:
     if (path / COMPLETE_FILE).exists() or path.name.startswith("step_"):  # training one
         check_resumable(path, name="--ckpt")
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,8 +1,8 @@
 """Does ERC stabilise off-policy RL? DAPO / GPPO with and without ERC, several seeds, from
 one shared supervised warm start (``docs/ablation.md``).
 
-    python -m megatron_erc.ablation run --out runs/ablation      # prepare, SFT, 4 x 3 RL runs
-    python -m megatron_erc.ablation report --out runs/ablation   # docs/ablation.md + PNGs
+    python -m megatron_erc.cli.ablation run --out runs/ablation     # prepare, SFT, 4 x 3 RL runs
+    python -m megatron_erc.cli.ablation report --out runs/ablation  # docs/ablation.md + PNGs
 
 Every RL run is its own process (megatron's parallel state is process-global); finished
 runs are skipped when ``run`` is repeated, so an interrupted ablation resumes where it
@@ -20,9 +20,11 @@ import subprocess
 import sys
 import time
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-CONFIG = REPO / "examples" / "ablation" / "offpolicy.yaml"
-SFT_CONFIG = REPO / "examples" / "tiny" / "sft.yaml"
+from megatron_erc.cli.assets import checkout_root, example_path
+
+REPO = checkout_root() or pathlib.Path.cwd()  # git commit, docs/ and the runs' working dir
+CONFIG = example_path("ablation/offpolicy.yaml")
+SFT_CONFIG = example_path("tiny/sft.yaml")
 
 _CLIP = ["algo.surrogate=clip", "algo.eps_low=0.2", "algo.eps_high=0.28", "algo.dual_clip=10"]
 _GPPO = ["algo.surrogate=gppo", "algo.eps_low=0.2", "algo.eps_high=0.2", "algo.dual_clip=10"]
@@ -64,7 +66,7 @@ def warm_start(root: pathlib.Path, sft_steps: int, sft_extra: list[str], threads
     """Task + tokenizer + random init, then one SFT run every RL run starts from."""
     cmds = []
     if not (root / "task" / "init").exists():
-        from megatron_erc.demo import prepare
+        from megatron_erc.cli.demo import prepare
 
         print(f"[ablation] preparing the task in {root / 'task'}", flush=True)
         prepare(root / "task", seed=0)
@@ -91,8 +93,9 @@ def run_ablation(root: pathlib.Path, seeds: list[int], steps: int, sft_steps: in
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     threads = max(1, (os.cpu_count() or 2) // jobs)
-    manifest = {"code": git_commit(), "command": command or "python -m megatron_erc.ablation run",
-                "config": str(CONFIG.relative_to(REPO)),
+    manifest = {"code": git_commit(),
+                "command": command or "python -m megatron_erc.cli.ablation run",
+                "config": _rel(CONFIG),
                 "seeds": seeds, "steps": steps, "sft_steps": sft_steps, "variants": variants,
                 "extra_overrides": extra, "started": time.strftime("%Y-%m-%d %H:%M:%S UTC",
                                                                     time.gmtime())}
@@ -118,7 +121,7 @@ def run_ablation(root: pathlib.Path, seeds: list[int], steps: int, sft_steps: in
         while queue and len(running) < jobs:
             v, s = queue.pop(0)
             run_dir = root / "rl" / v / f"seed{s}"
-            cmd = [sys.executable, "-m", "megatron_erc.ablation", "train-one", "--config",
+            cmd = [sys.executable, "-m", "megatron_erc.cli.ablation", "train-one", "--config",
                    str(CONFIG), *rl_overrides(root, v, s, steps, extra)]
             runs[f"{v}/seed{s}"] = {"variant": v, "seed": s, "dir": str(run_dir),
                                     "command": shlex.join(cmd)}
@@ -167,12 +170,18 @@ def _previous_invocations(root: pathlib.Path) -> list[dict]:
                                                           if "seconds" in r]}]
 
 
+def _rel(path: pathlib.Path) -> str:
+    """``path`` relative to the checkout (or working directory) when it is inside it."""
+    path = path.resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
 def train_one(config: str, overrides: list[str]) -> None:
     """One RL run with step-0 validation of the warm start (the CLI has none)."""
     import warnings
 
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.core.*")
-    from megatron_erc.config_io import load_config
+    from megatron_erc.config import load_config
     from megatron_erc.trainer.config import TrainConfig
     from megatron_erc.trainer.run import run_train
 
@@ -180,7 +189,7 @@ def train_one(config: str, overrides: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m megatron_erc.ablation",
+    p = argparse.ArgumentParser(prog="python -m megatron_erc.cli.ablation",
                                 description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="warm start + every variant x seed (resumable)")
@@ -215,12 +224,12 @@ def main(argv: list[str] | None = None) -> int:
                          args.steps or defaults["steps"],
                          args.sft_steps or defaults["sft_steps"], args.variants, args.set,
                          args.sft_set, jobs=args.jobs,
-                         command=shlex.join(["python", "-m", "megatron_erc.ablation", *argv]))
+                         command=shlex.join(["python", "-m", "megatron_erc.cli.ablation", *argv]))
         print(f"[ablation] {len(m['runs'])} runs in {m['total_seconds']} s", flush=True)
         if not args.report:
             return 0
         args.docs = args.report
-    from megatron_erc.ablation_report import write_report
+    from megatron_erc.cli.ablation_report import write_report
 
     print(write_report(pathlib.Path(args.out), pathlib.Path(args.docs)))
     return 0
