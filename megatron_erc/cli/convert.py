@@ -1,5 +1,5 @@
 """``megatron-erc convert``: HF <-> Megatron checkpoint conversion (a thin layer over
-``megatron_erc.models.hf_checkpoint``).
+``megatron_erc.checkpoint.hf``).
 
     megatron-erc convert hf-to-megatron --hf-dir D --out O --tp 2 --pp 1
     megatron-erc convert megatron-to-hf --ckpt O --out D2 [--tokenizer-dir T]
@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _convert(args) -> None:
+    from megatron_erc.checkpoint.hf import ConvertError, hf_to_megatron, megatron_to_hf
     from megatron_erc.errors import UserError
-    from megatron_erc.models.hf_checkpoint import ConvertError, hf_to_megatron, megatron_to_hf
 
     try:
         if args.command == "hf-to-megatron":
@@ -91,8 +91,8 @@ def _check_ckpt(ckpt: str) -> None:
     be complete and intact."""
     import pathlib
 
+    from megatron_erc.checkpoint.steps import COMPLETE_FILE, check_resumable, list_complete
     from megatron_erc.errors import UserError
-    from megatron_erc.trainer.checkpoint_files import COMPLETE_FILE, check_resumable, list_complete
 
     path = pathlib.Path(ckpt)
     if not path.is_dir():

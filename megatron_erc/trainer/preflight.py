@@ -50,7 +50,7 @@ def check_train(cfg) -> Inputs:
             inputs.validation = load_prompts(validation_data(cfg), tokenizer, "validation.path")
         resume = cfg.checkpoint.resume
         if resume and resume != "auto":
-            from megatron_erc.trainer.checkpoint_files import check_resumable
+            from megatron_erc.checkpoint.steps import check_resumable
 
             check_resumable(resume)
         return inputs

@@ -66,8 +66,8 @@ def build_actor(cfg: TrainConfig):
     from megatron.core import parallel_state as ps
     from transformers import AutoConfig
 
+    from megatron_erc.checkpoint.hf import SafetensorsReader
     from megatron_erc.models.hf_adapter import load_hf_weights
-    from megatron_erc.models.hf_checkpoint import SafetensorsReader
     from megatron_erc.trainer.actor import Actor
     from megatron_erc.trainer.preflight import check_model
 
@@ -177,7 +177,7 @@ def build_generator(cfg: TrainConfig, actor, tokenizer, group):
 def run_train(cfg: TrainConfig, validate_first: bool = False) -> list[dict]:
     import torch.distributed as dist
 
-    from megatron_erc.trainer import checkpoint as ckpt
+    from megatron_erc.checkpoint import train as ckpt
     from megatron_erc.trainer.preflight import check_train
     from megatron_erc.trainer.rl import RunContext, train
 

@@ -91,35 +91,26 @@ def run_sft(cfg: SFTConfig, actor=None, log=print) -> tuple[Path, float]:
 
 def export_hf(actor, out: Path, model_cfg) -> None:
     """Write the actor as an HF directory (TP shards gathered, every pipeline stage's layers
-    brought to rank 0, which writes; collective)."""
+    brought to rank 0, which writes; collective). The starting model's tokenizer and
+    generation files, and a SentencePiece ``model.tokenizer`` file, travel with the weights."""
     import json
-    import os
     import shutil
 
-    from megatron_erc.models.hf_checkpoint import SafetensorsWriter
+    from megatron_erc.checkpoint.hf import SafetensorsWriter
+    from megatron_erc.checkpoint.io import copy_side_files, publish, staging_dir
 
     rank0 = torch.distributed.get_rank() == 0
-    tmp = out.parent / f".{out.name}.partial"
     if rank0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        tmp = staging_dir(out)
         writer = SafetensorsWriter(tmp, 2 << 30)
     for name, tensor in actor.full_hf_weights():
         if rank0:
             writer.add(name, tensor)
     if rank0:
         writer.close()
-        config = actor.hf_config.to_dict()
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        # tokenizer and generation files travel with the weights
-        side = [f for f in Path(model_cfg.path).iterdir()
-                if f.is_file() and f.name != "config.json"
-                and not f.name.endswith((".safetensors", ".safetensors.index.json", ".bin"))]
+        (tmp / "config.json").write_text(json.dumps(actor.hf_config.to_dict(), indent=2))
+        copy_side_files(Path(model_cfg.path), tmp, skip=("config.json",))
         if model_cfg.tokenizer and Path(model_cfg.tokenizer).is_file():
-            side.append(Path(model_cfg.tokenizer))
-        for f in side:
-            shutil.copy2(f, tmp / f.name)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+            shutil.copy2(model_cfg.tokenizer, tmp / Path(model_cfg.tokenizer).name)
+        publish(tmp, out)
     torch.distributed.barrier()

@@ -115,7 +115,7 @@ def _run_and_save(root: pathlib.Path, tp: int, distributed: bool, extra: dict, *
     ``extra`` gets this rank's DP rank added (extra_state is per rank)."""
     from megatron.core import parallel_state as ps
 
-    from megatron_erc.trainer.checkpoint import save_checkpoint
+    from megatron_erc.checkpoint.train import save_checkpoint
 
     actor = _build_actor(tp, distributed, seed=1, warmup=warmup, dtype=dtype,
                          init_parallel=init_parallel)
@@ -133,7 +133,7 @@ def _run_and_save(root: pathlib.Path, tp: int, distributed: bool, extra: dict, *
 def _resume(root, tp: int, distributed: bool, *, init_parallel: bool, pp: int = 1,
             warmup: int = 0, dtype: str = "float32") -> dict:
     """A fresh actor (different init) resumes the newest checkpoint and runs step 3."""
-    from megatron_erc.trainer.checkpoint import load_checkpoint
+    from megatron_erc.checkpoint.train import load_checkpoint
 
     actor = _build_actor(tp, distributed, seed=2, pp=pp, init_parallel=init_parallel,
                          warmup=warmup, dtype=dtype)
@@ -153,7 +153,8 @@ def two_rank_cases(rank: int, world: int, root: str) -> dict:
     from megatron.core import parallel_state as ps
 
     from megatron_erc import platform
-    from megatron_erc.trainer.checkpoint import list_complete, save_checkpoint
+    from megatron_erc.checkpoint.steps import list_complete
+    from megatron_erc.checkpoint.train import save_checkpoint
 
     platform.setup()
     root = pathlib.Path(root)
@@ -183,7 +184,8 @@ def one_rank_cases(rank: int, world: int, root: str, killed_root: str) -> dict:
     from megatron.core import parallel_state as ps
 
     from megatron_erc import platform
-    from megatron_erc.trainer.checkpoint import find_latest, load_checkpoint
+    from megatron_erc.checkpoint.steps import find_latest
+    from megatron_erc.checkpoint.train import load_checkpoint
 
     platform.setup()
     root = pathlib.Path(root)
@@ -219,7 +221,7 @@ def doomed_writer(root: str, store: str, report) -> None:
     import torch.distributed as dist
 
     from megatron_erc import platform
-    from megatron_erc.trainer.checkpoint import save_checkpoint
+    from megatron_erc.checkpoint.train import save_checkpoint
 
     os.setpgid(0, 0)  # the parent kills the whole group, helpers the save starts included
     torch.set_num_threads(1)
@@ -370,7 +372,7 @@ def test_training_checkpoint_exports_to_hf(tmp_path):
     """megatron-to-hf reads a training checkpoint (TP=2, with optimizer state) directly."""
     from safetensors.torch import load_file
 
-    from megatron_erc.models.hf_checkpoint import megatron_to_hf
+    from megatron_erc.checkpoint.hf import megatron_to_hf
 
     r = results()
     ckpt = r["root"] / "tp2" / "step_00000002"

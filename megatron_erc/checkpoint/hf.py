@@ -12,32 +12,33 @@ safetensors only the tensors its shard needs (``hf_adapter.load_hf_weights``).
 ``megatron_to_hf`` loads the checkpoint into a single TP=1/PP=1 model (dist_checkpointing
 reshards whatever layout it was saved at) and streams ``hf_adapter.iter_hf_weights`` into
 safetensors shards. Both run their ranks in fresh processes (``spawn`` + a file store),
-or in the current ranks when started by ``torchrun``. Outputs are written to
-``.<name>.partial`` next to the target and renamed only when complete.
+or in the current ranks when started by ``torchrun`` (``platform.spawn.run_ranks``).
+Outputs are written to ``.<name>.partial`` next to the target and renamed only when
+complete (``checkpoint.io``).
 """
 
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import pathlib
-import queue
-import shutil
-import tempfile
-import traceback
 from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 
+from megatron_erc.checkpoint.io import (
+    HF_SUBDIR,
+    META_FILE,
+    MODEL_FORMAT,
+    copy_side_files,
+    publish,
+    staging_dir,
+    staging_path,
+    write_model_meta,
+)
 from megatron_erc.models.hf_adapter import HFLayout, check_hf_shape, is_ignored_hf_name
-
-FORMAT = "megatron_erc.hf_convert/1"
-META_FILE = "megatron_erc.json"
-HF_SUBDIR = "hf"
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".ckpt",
-                    ".safetensors.index.json", ".bin.index.json")
+from megatron_erc.platform.spawn import RankFailure, run_ranks
 
 
 class ConvertError(RuntimeError):
@@ -138,100 +139,26 @@ class SafetensorsWriter:
             (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def _copy_side_files(src: pathlib.Path, dst: pathlib.Path, skip: tuple[str, ...] = ()) -> None:
-    """Copy config / tokenizer / generation files (everything but weights)."""
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and f.name not in skip:
-            shutil.copy2(f, dst / f.name)
-
-
 # ---------------------------------------------------------------- ranks and output handling
-def _partial(out: pathlib.Path) -> pathlib.Path:
-    return out.parent / f".{out.name}.partial"
-
-
 def _check_output(out: pathlib.Path, force: bool) -> None:
     if out.exists() and not force:
         raise ConvertError(f"{out} already exists; pass --force to overwrite it")
 
 
 def _publish(tmp: pathlib.Path, out: pathlib.Path) -> None:
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    os.replace(tmp, out)
+    publish(tmp, out)
     _log(f"done: {out}")
 
 
-def _worker(fn: Callable, rank: int, world: int, store_path: str, args: tuple,
-            results) -> None:
-    from megatron_erc.platform import detect
-
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+def _run(fn: Callable, world: int, *args) -> None:
+    """``fn(*args)`` on ``world`` ranks (``run_ranks``); a failure is a ``ConvertError``."""
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) != world:
+        raise ConvertError(f"launched with WORLD_SIZE={os.environ['WORLD_SIZE']}, but this "
+                           f"conversion needs {world} ranks (tp * pp)")
     try:
-        platform = detect()
-        if platform.backend == "nccl":
-            torch.cuda.set_device(rank % torch.cuda.device_count())
-        store = dist.FileStore(store_path, world)
-        dist.init_process_group(platform.backend, store=store, rank=rank, world_size=world)
-        fn(*args)
-        results.put((rank, None))
-    except BaseException as e:  # noqa: BLE001 - reported to the parent
-        msg = str(e) if isinstance(e, ConvertError) else traceback.format_exc()
-        results.put((rank, msg))
-    finally:
-        try:
-            from megatron.core import parallel_state
-
-            parallel_state.destroy_model_parallel()
-        except Exception:  # noqa: BLE001
-            pass
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def run_ranks(fn: Callable, world: int, *args) -> None:
-    """Run ``fn(*args)`` on ``world`` ranks: the current ones under torchrun, else fresh
-    spawned processes with a file-store rendezvous. Raises ``ConvertError`` on failure."""
-    if "WORLD_SIZE" in os.environ:
-        from megatron_erc.platform.distributed import init_process_group
-
-        if int(os.environ["WORLD_SIZE"]) != world:
-            raise ConvertError(f"launched with WORLD_SIZE={os.environ['WORLD_SIZE']}, but this "
-                               f"conversion needs {world} ranks (tp * pp)")
-        init_process_group()
-        fn(*args)
-        return
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    with tempfile.TemporaryDirectory(prefix="erc-convert-") as tmp:
-        procs = [ctx.Process(target=_worker, args=(fn, r, world, f"{tmp}/store", args, results))
-                 for r in range(world)]
-        for p in procs:
-            p.start()
-        failure = None
-        try:
-            for _ in range(world):
-                while True:
-                    try:
-                        rank, err = results.get(timeout=5)
-                        break
-                    except queue.Empty:
-                        dead = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
-                        if dead:
-                            raise ConvertError(f"rank {dead[0]} died (exit code "
-                                               f"{procs[dead[0]].exitcode})") from None
-                if err is not None:
-                    failure = f"rank {rank}: {err}"
-                    break
-        finally:
-            for p in procs:
-                p.join(timeout=5 if failure else 60)
-                if p.is_alive():
-                    p.kill()
-                    p.join()
-        if failure:
-            raise ConvertError(failure)
+        run_ranks(fn, world, *args, expected=(ConvertError,))
+    except RankFailure as e:
+        raise ConvertError(str(e)) from None
 
 
 # ---------------------------------------------------------------- HF -> megatron
@@ -242,7 +169,7 @@ def _import_rank(hf_dir: str, out: str, tp: int, pp: int, pad_vocab_multiple: in
     from transformers import AutoConfig
 
     from megatron_erc import platform
-    from megatron_erc.models.gpt import ParallelConfig, build_model_chunks, padded_vocab_size
+    from megatron_erc.models.gpt import ParallelConfig, build_model_chunks
     from megatron_erc.models.hf_adapter import load_hf_weights
 
     platform.setup()
@@ -254,22 +181,15 @@ def _import_rank(hf_dir: str, out: str, tp: int, pp: int, pad_vocab_multiple: in
     _log(f"reading {hf_dir} into {tp * pp} ranks (tp={tp}, pp={pp})")
     load_hf_weights(chunks, SafetensorsReader(hf_dir).get, hf_config,
                     ps.get_tensor_model_parallel_rank(), tp)
-    target, tmp = pathlib.Path(out), _partial(pathlib.Path(out))
-    if dist.get_rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    target = pathlib.Path(out)
+    tmp = staging_dir(target) if dist.get_rank() == 0 else staging_path(target)
     dist.barrier()
     _log(f"saving the torch_dist checkpoint to {tmp}")
     dist_checkpointing.save({"model": chunks[0].sharded_state_dict()}, str(tmp))
     dist.barrier()
     if dist.get_rank() == 0:
-        meta = {"format": FORMAT, "tp": tp, "pp": pp, "params_dtype": params_dtype,
-                "pad_vocab_multiple": pad_vocab_multiple,
-                "padded_vocab_size": padded_vocab_size(hf_config.vocab_size, tp,
-                                                       pad_vocab_multiple),
-                "source": str(pathlib.Path(hf_dir).resolve())}
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-        _copy_side_files(pathlib.Path(hf_dir), tmp / HF_SUBDIR)
+        write_model_meta(tmp, parallel, hf_config.vocab_size, str(pathlib.Path(hf_dir).resolve()))
+        copy_side_files(pathlib.Path(hf_dir), tmp / HF_SUBDIR)
         _publish(tmp, target)
     dist.barrier()
 
@@ -289,7 +209,7 @@ def hf_to_megatron(hf_dir: str, out: str, *, tp: int = 1, pp: int = 1, force: bo
                            f"({layout.groups}), pp={pp} the layers ({layout.layers})")
     check_hf_dir(hf_dir, hf_config)
     _log(f"{hf_dir}: {hf_config.model_type}, {layout.layers} layers, shapes match the config")
-    run_ranks(_import_rank, tp * pp, str(hf_dir), str(out_path), tp, pp, pad_vocab_multiple,
+    _run(_import_rank, tp * pp, str(hf_dir), str(out_path), tp, pp, pad_vocab_multiple,
               params_dtype)
 
 
@@ -299,8 +219,8 @@ def read_meta(ckpt: str | os.PathLike) -> dict:
     if not path.exists():
         raise ConvertError(f"{ckpt}: no {META_FILE}; not a checkpoint written by hf-to-megatron")
     meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT:
-        raise ConvertError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    if meta.get("format") != MODEL_FORMAT:
+        raise ConvertError(f"{path}: format {meta.get('format')!r}, expected {MODEL_FORMAT!r}")
     return meta
 
 
@@ -327,9 +247,8 @@ def _export_rank(ckpt: str, out: str, tokenizer_dir: str | None, max_shard_bytes
     except Exception as e:  # noqa: BLE001 - megatron's message names the tensor
         raise ConvertError(f"{ckpt} does not match its hf/config.json: {e}") from e
     chunks[0].load_state_dict(state["model"])
-    target, tmp = pathlib.Path(out), _partial(pathlib.Path(out))
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    target = pathlib.Path(out)
+    tmp = staging_dir(target)
     writer = SafetensorsWriter(tmp, max_shard_bytes)
     for name, tensor in iter_hf_weights(chunks, hf_config):
         writer.add(name, tensor)
@@ -337,9 +256,9 @@ def _export_rank(ckpt: str, out: str, tokenizer_dir: str | None, max_shard_bytes
     config = json.loads((hf_dir / "config.json").read_text())
     config["dtype" if "torch_dtype" not in config else "torch_dtype"] = meta["params_dtype"]
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    _copy_side_files(hf_dir, tmp, skip=("config.json",))
+    copy_side_files(hf_dir, tmp, skip=("config.json",))
     if tokenizer_dir:
-        _copy_side_files(pathlib.Path(tokenizer_dir), tmp, skip=("config.json",))
+        copy_side_files(pathlib.Path(tokenizer_dir), tmp, skip=("config.json",))
     _publish(tmp, target)
 
 
@@ -352,4 +271,4 @@ def megatron_to_hf(ckpt: str, out: str, *, tokenizer_dir: str | None = None,
     read_meta(ckpt)
     if tokenizer_dir and not pathlib.Path(tokenizer_dir).is_dir():
         raise ConvertError(f"--tokenizer-dir {tokenizer_dir} is not a directory")
-    run_ranks(_export_rank, 1, str(ckpt), str(out_path), tokenizer_dir, max_shard_bytes)
+    _run(_export_rank, 1, str(ckpt), str(out_path), tokenizer_dir, max_shard_bytes)

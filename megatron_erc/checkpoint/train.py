@@ -8,14 +8,14 @@ A checkpoint is ``root/step_{step:08d}/`` holding:
   stages). Tensors are keyed by their global (unsharded) names, so a checkpoint written at
   one TP/PP loads at another. The distributed optimizer is saved in the
   ``fully_reshardable`` format (the default one rejects our unflattened parameters);
-* ``megatron_erc.json`` and ``hf/config.json`` as written by ``hf_checkpoint``, so
-  ``megatron-to-hf`` exports a training checkpoint directly;
+* ``megatron_erc.json`` and ``hf/config.json`` as a converted checkpoint has them
+  (``checkpoint.io``), so ``megatron-to-hf`` exports a training checkpoint directly;
 * ``trainer_state.pt``: the step and the actor's LR-scheduler state when it has one;
 * ``ranks/rank_XXXXX.pt``: each rank's ``extra_state`` (data-loader position, sampler RNG,
   ...) and its python / numpy / torch (CPU, CUDA) / megatron tensor-parallel tracker RNG
   states;
 * ``COMPLETE``: JSON written last, before the directory gets its final name, listing every
-  file with its size (``checkpoint_files``: a truncated or missing file is found before
+  file with its size (``checkpoint.steps``: a truncated or missing file is found before
   anything is loaded, and ``resume=auto`` skips such a checkpoint).
 
 Every rank writes into ``root/.step_{step:08d}.tmp-<uuid>``; after a barrier rank 0 writes
@@ -40,10 +40,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_erc.models.hf_checkpoint import FORMAT as MODEL_FORMAT
-from megatron_erc.models.hf_checkpoint import HF_SUBDIR, META_FILE
-from megatron_erc.trainer.actor import torch_optimizers
-from megatron_erc.trainer.checkpoint_files import (  # noqa: F401 - the public names live here
+from megatron_erc.checkpoint.io import HF_SUBDIR, publish, write_model_meta, write_synced
+from megatron_erc.checkpoint.steps import (
     COMPLETE_FILE,
     FORMAT,
     RANKS_SUBDIR,
@@ -51,14 +49,12 @@ from megatron_erc.trainer.checkpoint_files import (  # noqa: F401 - the public n
     CheckpointError,
     check_resumable,
     find_latest,
-    list_complete,
     manifest,
     prune,
-    publish,
     read_marker,
     step_dir,
-    write_synced,
 )
+from megatron_erc.trainer.actor import torch_optimizers
 
 logger = logging.getLogger(__name__)
 
@@ -220,7 +216,6 @@ def save_checkpoint(root: str | os.PathLike, step: int, actor, extra_state: dict
     """
     from megatron.core import dist_checkpointing
 
-    from megatron_erc.models.gpt import padded_vocab_size
     from megatron_erc.platform import require_supported_megatron
 
     require_supported_megatron("checkpoint saving (megatron's optimizer internals)")
@@ -251,14 +246,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, actor, extra_state: dict
     dist.all_gather_object(coords, _coords())  # also: every rank's files are on disk
 
     if rank == 0:
-        par = actor.parallel
-        model_meta = {"format": MODEL_FORMAT, "tp": par.tp, "pp": par.pp,
-                      "params_dtype": par.params_dtype,
-                      "pad_vocab_multiple": par.pad_vocab_multiple,
-                      "padded_vocab_size": padded_vocab_size(actor.hf_config.vocab_size, par.tp,
-                                                             par.pad_vocab_multiple),
-                      "source": f"training step {step}"}
-        (tmp / META_FILE).write_text(json.dumps(model_meta, indent=2))
+        write_model_meta(tmp, actor.parallel, actor.hf_config.vocab_size, f"training step {step}")
         actor.hf_config.to_json_file(str(_mkdir(tmp / HF_SUBDIR) / "config.json"))
         marker = {"format": FORMAT, "step": step, "time": time.time(),
                   "distributed_optimizer": _is_distributed(actor.optimizer),

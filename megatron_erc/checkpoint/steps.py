@@ -1,5 +1,5 @@
 """Training checkpoints on disk: step directories, the ``COMPLETE`` marker with its file
-manifest, finding the newest intact checkpoint, publishing and pruning.
+manifest, finding the newest intact checkpoint, pruning (publishing is ``checkpoint.io``'s).
 
 The marker is written last, before the directory gets its final name, and lists every file
 of the checkpoint with its size. A checkpoint whose marker is missing was interrupted; one
@@ -16,7 +16,6 @@ import os
 import pathlib
 import re
 import shutil
-import uuid
 
 from megatron_erc.errors import UserError
 
@@ -133,30 +132,6 @@ def check_resumable(path: str | os.PathLike, name: str = "checkpoint.resume") ->
     if problem is not None:
         raise CheckpointError(f"checkpoint {path} is damaged: {problem}; {instead}")
     return path
-
-
-def write_synced(path: pathlib.Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def publish(tmp: pathlib.Path, final: pathlib.Path) -> None:
-    """Rename ``tmp`` to ``final``; a previous ``final`` is moved aside first (a directory
-    cannot be replaced atomically) and removed once the new one is in place."""
-    old = None
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex}"
-        os.replace(final, old)
-    os.replace(tmp, final)
-    fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def prune(root: pathlib.Path, keep_last: int, just_written: pathlib.Path) -> None:
