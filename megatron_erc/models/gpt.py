@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+from megatron_erc.models.support import check_supported, hf_field, rope_theta
+
 RECOMPUTE_CHOICES = ("none", "selective", "full")
 
 
@@ -105,23 +105,6 @@ def padded_vocab_size(vocab_size: int, tp: int, multiple: int) -> int:
     return int(math.ceil(vocab_size / step) * step)
 
 
-def _hf_field(hf_config, name: str, default: Any = None) -> Any:
-    value = getattr(hf_config, name, default)
-    return default if value is None else value
-
-
-def rope_theta(hf_config) -> float:
-    """RoPE base from either the transformers-5 ``rope_parameters`` or the older field."""
-    params = getattr(hf_config, "rope_parameters", None) or {}
-    rope_type = params.get("rope_type", "default")
-    scaling = getattr(hf_config, "rope_scaling", None)
-    if rope_type not in ("default", None) or (scaling and scaling.get("rope_type") != "default"):
-        raise NotImplementedError(
-            f"RoPE type {rope_type or scaling!r} is not supported yet; only the default RoPE "
-            "(Qwen2, Qwen2.5, DeepSeek-R1-Distill-Qwen, Llama 2) is mapped")
-    return float(params.get("rope_theta", _hf_field(hf_config, "rope_theta", 10000.0)))
-
-
 def transformer_config_from_hf(hf_config, parallel: ParallelConfig, *, platform=None,
                                **overrides):
     """A megatron ``TransformerConfig`` equivalent to an HF Llama/Qwen2 config.
@@ -133,13 +116,10 @@ def transformer_config_from_hf(hf_config, parallel: ParallelConfig, *, platform=
 
     from megatron_erc.platform import adapt_parallel_config, adapt_transformer_kwargs, detect
 
-    model_type = getattr(hf_config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"model_type {model_type!r} is not supported; "
-                         f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    check_supported(hf_config)  # model type, RoPE, MLP and attention biases
     heads = hf_config.num_attention_heads
-    groups = _hf_field(hf_config, "num_key_value_heads", heads)
-    head_dim = _hf_field(hf_config, "head_dim", hf_config.hidden_size // heads)
+    groups = hf_field(hf_config, "num_key_value_heads", heads)
+    head_dim = hf_field(hf_config, "head_dim", hf_config.hidden_size // heads)
     if groups % parallel.tp or heads % parallel.tp:
         raise ValueError(f"tp={parallel.tp} must divide the attention heads ({heads}) and the "
                          f"key/value heads ({groups}); choose a tp that divides both")
@@ -147,15 +127,7 @@ def transformer_config_from_hf(hf_config, parallel: ParallelConfig, *, platform=
     stages = parallel.pp * (parallel.vpp or 1)
     if layers % stages:
         raise ValueError(f"{layers} layers cannot be split evenly into pp*vpp={stages} stages")
-    if model_type == "qwen2":
-        qkv_bias = True
-    else:
-        if _hf_field(hf_config, "attention_bias", False):
-            # HF Llama then biases o_proj too, which megatron's add_qkv_bias does not cover.
-            raise NotImplementedError("Llama configs with attention_bias=True are not supported")
-        qkv_bias = False
-        if _hf_field(hf_config, "mlp_bias", False):
-            raise NotImplementedError("Llama configs with mlp_bias=True are not supported")
+    qkv_bias = hf_config.model_type == "qwen2"
     platform = platform or detect()
     dtype = getattr(torch, parallel.params_dtype)
     kwargs = dict(
@@ -180,7 +152,7 @@ def transformer_config_from_hf(hf_config, parallel: ParallelConfig, *, platform=
         pipeline_model_parallel_size=parallel.pp,
         virtual_pipeline_model_parallel_size=parallel.vpp,
         sequence_parallel=parallel.sequence_parallel,
-        init_method_std=float(_hf_field(hf_config, "initializer_range", 0.02)),
+        init_method_std=float(hf_field(hf_config, "initializer_range", 0.02)),
         **parallel.recompute_kwargs(layers // stages),
     )
     kwargs = adapt_transformer_kwargs({**kwargs, **overrides}, platform)
@@ -215,11 +187,11 @@ def build_gpt_model(hf_config, parallel: ParallelConfig, *, pre_process: bool = 
         config=config,
         transformer_layer_spec=layer_spec(config),
         vocab_size=vocab,
-        max_sequence_length=int(_hf_field(hf_config, "max_position_embeddings", 4096)),
+        max_sequence_length=int(hf_field(hf_config, "max_position_embeddings", 4096)),
         pre_process=pre_process,
         post_process=post_process,
-        share_embeddings_and_output_weights=bool(_hf_field(hf_config, "tie_word_embeddings",
-                                                           False)),
+        share_embeddings_and_output_weights=bool(hf_field(hf_config, "tie_word_embeddings",
+                                                          False)),
         position_embedding_type="rope",
         rotary_base=rope_theta(hf_config),
         vp_stage=vp_stage,

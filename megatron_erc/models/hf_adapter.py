@@ -37,8 +37,8 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 import torch.distributed as dist
 
-from megatron_erc.models.gpt import _hf_field
 from megatron_erc.models.sharding import global_names, tp_slice
+from megatron_erc.models.support import check_supported, hf_field
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _HF_LAYER = "model.layers.{}."
@@ -86,18 +86,14 @@ class HFLayout:
 
     @classmethod
     def from_config(cls, hf_config) -> HFLayout:
-        model_type = getattr(hf_config, "model_type", None)
-        if model_type not in ("llama", "qwen2"):
-            raise ValueError(f"model_type {model_type!r} is not supported (llama, qwen2)")
-        if model_type == "llama" and _hf_field(hf_config, "attention_bias", False):
-            raise NotImplementedError("Llama attention_bias=True (biased o_proj) is not mapped")
+        check_supported(hf_config)
         heads = hf_config.num_attention_heads
         return cls(vocab=hf_config.vocab_size, hidden=hf_config.hidden_size,
                    ffn=hf_config.intermediate_size, layers=hf_config.num_hidden_layers,
-                   heads=heads, groups=_hf_field(hf_config, "num_key_value_heads", heads),
-                   head_dim=_hf_field(hf_config, "head_dim", hf_config.hidden_size // heads),
-                   qkv_bias=model_type == "qwen2",
-                   tied=bool(_hf_field(hf_config, "tie_word_embeddings", False)))
+                   heads=heads, groups=hf_field(hf_config, "num_key_value_heads", heads),
+                   head_dim=hf_field(hf_config, "head_dim", hf_config.hidden_size // heads),
+                   qkv_bias=hf_config.model_type == "qwen2",
+                   tied=bool(hf_field(hf_config, "tie_word_embeddings", False)))
 
     def hf_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every HF tensor the model has, with its shape, in HF's order."""

@@ -80,14 +80,6 @@ def iter_local_slices(chunks, full_sd: Mapping[str, torch.Tensor], tp_rank: int,
             yield param, tp_slice(gname, full, param, module.config, tp_rank, tp_size), gname
 
 
-@torch.no_grad()
-def load_full_state_dict(chunks, full_sd: Mapping[str, torch.Tensor], tp_rank: int,
-                         tp_size: int) -> None:
-    """Copy a full-layout state dict into this rank's model chunks."""
-    for param, value, _ in iter_local_slices(chunks, full_sd, tp_rank, tp_size):
-        param.copy_(value.to(param.dtype))
-
-
 def full_state_dict(model: torch.nn.Module, vocab_size: int) -> dict[str, torch.Tensor]:
     """Full-layout state dict of a single-process model (padding rows trimmed)."""
     sd = {}

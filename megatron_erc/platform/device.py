@@ -21,9 +21,6 @@ class Platform:
     def is_cpu(self) -> bool:
         return self.device_type == "cpu"
 
-    def device(self, local_rank: int = 0) -> torch.device:
-        return torch.device("cuda", local_rank) if not self.is_cpu else torch.device("cpu")
-
 
 @functools.lru_cache(maxsize=1)
 def detect() -> Platform:

@@ -14,8 +14,8 @@ and the same weights (the HF module's, fused once per weight version) with less 
 - attention of one query token as two small batched matmuls over the valid cache.
 
 Numerics follow HF's eager Llama/Qwen2 (RMSNorm in fp32, ``rotate_half`` RoPE, softmax in
-fp32). ``supports(config)`` says which configs qualify; the engine falls back to the HF
-loop for any other.
+fp32). ``supports(config)`` says which configs qualify (the package's one supported-model
+check, ``models.support``); the engine falls back to the HF loop for any other.
 """
 
 from __future__ import annotations
@@ -23,28 +23,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-_SUPPORTED = ("llama", "qwen2")
+from megatron_erc.models.support import rope_theta, unsupported
 
 
 def supports(config) -> bool:
     """True for plain Llama/Qwen2 configs (default RoPE, SiLU MLP, no sliding window)."""
-    get = lambda k, d=None: getattr(config, k, d)  # noqa: E731
-    rope = get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default")) if rope else "default"
-    params = get("rope_parameters") or {}
-    if isinstance(params, dict) and params.get("rope_type", "default") != "default":
-        rope_type = params["rope_type"]
-    return (get("model_type") in _SUPPORTED and rope_type == "default"
-            and get("hidden_act") == "silu" and not get("mlp_bias", False)
-            and not (get("model_type") == "llama" and get("attention_bias", False))
-            and not get("use_sliding_window", False))
-
-
-def _rope_theta(config) -> float:
-    params = getattr(config, "rope_parameters", None)
-    if isinstance(params, dict) and "rope_theta" in params:
-        return float(params["rope_theta"])
-    return float(getattr(config, "rope_theta", 10000.0))
+    return unsupported(config) is None
 
 
 class FusedWeights:
@@ -152,7 +136,7 @@ def decode(model, weights: FusedWeights, prompts: list[list[int]], n: int, max_t
     key_mask[:, 0, 0, :width].masked_fill_(mask.repeat_interleave(n, dim=0) == 0, float("-inf"))
     next_pos = positions[:, -1].repeat_interleave(n) + 1  # [B]
 
-    inv_freq = 1.0 / (_rope_theta(cfg) ** (
+    inv_freq = 1.0 / (rope_theta(cfg) ** (
         torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
     freqs = torch.outer(torch.arange(width + max_tokens, dtype=torch.float32, device=device),
                         inv_freq)

@@ -22,6 +22,7 @@ from typing import TypeVar
 
 from megatron_erc.data.prompts import PromptDataConfig, PromptDataset, PromptFileError
 from megatron_erc.errors import UserError, current_rank
+from megatron_erc.models.support import unsupported
 
 T = TypeVar("T")
 
@@ -154,8 +155,6 @@ def combine(messages: dict[int, str], world: int) -> str:
 def check_model(model, name: str = "model.path") -> dict:
     """``model.path`` (given as ``name``) is a directory with a supported config.json and
     weights (unless ``model.random_init``); returns the parsed config.json."""
-    from megatron_erc.models.gpt import SUPPORTED_MODEL_TYPES
-
     path = Path(model.path)
     hf_dir = "a Hugging Face model directory (config.json + *.safetensors)"
     if not path.exists():
@@ -172,10 +171,9 @@ def check_model(model, name: str = "model.path") -> dict:
         hf = json.loads(config_file.read_text())
     except ValueError as e:
         raise UserError(f"{config_file}: not valid JSON ({e})", kind="model") from None
-    model_type = hf.get("model_type") if isinstance(hf, dict) else None
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UserError(f"{config_file}: model_type {model_type!r} is not supported; "
-                        f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}", kind="model")
+    reason = unsupported(hf if isinstance(hf, dict) else {})
+    if reason is not None:  # model type, RoPE, MLP, attention bias, sliding window
+        raise UserError(f"{config_file}: {reason}", kind="model")
     for key in ("num_attention_heads", "num_hidden_layers", "vocab_size"):
         if not isinstance(hf.get(key), int):
             raise UserError(f"{config_file}: {key} is missing or not an integer", kind="model")

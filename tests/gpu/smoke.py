@@ -136,7 +136,8 @@ def train_step(*, tiny: bool = False, tokens: int | None = None, chunk_mb: int =
     seq = tokens or (512 if tiny else 8192)
     plat = init_process_group(platform.setup())
     platform.init_model_parallel(1, 1, seed=0)
-    device = plat.device(torch.cuda.current_device() if plat.device_type == "cuda" else 0)
+    device = (torch.device("cuda", torch.cuda.current_device()) if plat.device_type == "cuda"
+              else torch.device("cpu"))
     notes = []
     try:
         hf = AutoConfig.for_model(**spec)
