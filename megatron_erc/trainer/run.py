@@ -10,6 +10,7 @@ import json
 import logging
 import random
 import signal
+import time
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from megatron_erc.config import to_dict
 from megatron_erc.errors import UserError
 from megatron_erc.trainer.config import TrainConfig
 from megatron_erc.trainer.metrics import MetricsWriter, Progress
+from megatron_erc.trainer.stop_budget import StopBudget
 
 log = logging.getLogger(__name__)
 
@@ -217,13 +219,18 @@ def run_train(cfg: TrainConfig, validate_first: bool = False) -> list[dict]:
         for sig in (signal.SIGTERM, signal.SIGUSR1):  # Slurm: USR1 before the limit, TERM at it
             signal.signal(sig, lambda *_: stop.update(flag=True))
 
+        budget = StopBudget(run_dir, enabled=rank0)  # step + save vs the stop's lead time
+
         def save(step: int) -> None:
+            t0 = time.perf_counter()
             ckpt.save_checkpoint(run_dir / "checkpoints", step, actor,
                                  {"rng": rng.getstate()}, keep_last=cfg.checkpoint.keep_last)
+            budget.save(time.perf_counter() - t0)
 
         def log_metrics(m: dict) -> None:
             writer.log(m)
             progress(m)
+            budget.step(m.get("time/step", 0.0))
 
         def should_stop() -> bool:
             flag = torch.tensor(float(stop["flag"]), device=actor.device)

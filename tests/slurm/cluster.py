@@ -93,6 +93,9 @@ class SlurmCluster:
 
     Ports are picked free, so several clusters (e.g. one per pytest-xdist worker) coexist."""
 
+    node_suffix = ""
+    """Appended to slurmd's spool, pid and log paths (``-%n``: one per node name)."""
+
     def __init__(self, root: Path):
         self.root = Path(root)
         self.conf = self.root / "slurm.conf"
@@ -106,15 +109,20 @@ class SlurmCluster:
         ensure_installed()
         self._start_munge()
         self._write_conf()
-        for daemon, pid_file in (("slurmctld", "slurmctld.pid"), ("slurmd", "slurmd.pid")):
-            res = subprocess.run([daemon, "-f", str(self.conf)], env=self.env,
-                                 capture_output=True, text=True, timeout=60)
-            if res.returncode != 0:
-                raise SlurmUnavailable(f"{daemon} did not start: {res.stderr[-500:]}\n"
-                                       f"{self.log_tail(daemon)}")
-            self._pids.append(_read_pid(self.root / pid_file))
+        self._daemon(["slurmctld", "-f", str(self.conf)], "slurmctld")
+        self._start_slurmd()
         self._wait_idle(timeout_s)
         return self
+
+    def _daemon(self, cmd: list[str], name: str) -> None:
+        res = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=60)
+        if res.returncode != 0:
+            raise SlurmUnavailable(f"{name} did not start: {res.stderr[-500:]}\n"
+                                   f"{self.log_tail(name)}")
+        self._pids.append(_read_pid(self.root / f"{name}.pid"))
+
+    def _start_slurmd(self) -> None:
+        self._daemon(["slurmd", "-f", str(self.conf)], "slurmd")
 
     def stop(self, timeout_s: float = 120) -> None:
         """Cancel whatever jobs are left (their slurmstepd would outlive slurmd), then stop the
@@ -173,14 +181,21 @@ class SlurmCluster:
             raise SlurmUnavailable(f"munged did not start: {res.stderr[-500:]}")
         self._pids.append(_read_pid(d / "munged.pid"))
 
-    def _write_conf(self) -> None:
+    def _nodes_conf(self) -> tuple[str, str]:
+        """``SlurmctldHost`` value and the node + partition lines: this host, all its CPUs."""
         host = socket.gethostname().split(".")[0]
+        return host, (f"NodeName={host} CPUs={os.cpu_count()} RealMemory={_real_memory_mib()} "
+                      f"State=UNKNOWN\nPartitionName=debug Nodes={host} Default=YES "
+                      "MaxTime=INFINITE State=UP\n")
+
+    def _write_conf(self) -> None:
+        ctl, nodes = self._nodes_conf()
         for d in ("state", "spool"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
         r = self.root
         self.conf.write_text(f"""\
 ClusterName=pytest
-SlurmctldHost={host}
+SlurmctldHost={ctl}
 SlurmctldPort={_free_port()}
 SlurmdPort={_free_port()}
 AuthType=auth/munge
@@ -199,16 +214,14 @@ MinJobAge=3600
 KillWait=10
 MessageTimeout=60
 StateSaveLocation={r}/state
-SlurmdSpoolDir={r}/spool
+SlurmdSpoolDir={r}/spool{self.node_suffix}
 SlurmctldPidFile={r}/slurmctld.pid
-SlurmdPidFile={r}/slurmd.pid
+SlurmdPidFile={r}/slurmd{self.node_suffix}.pid
 SlurmctldLogFile={r}/slurmctld.log
-SlurmdLogFile={r}/slurmd.log
+SlurmdLogFile={r}/slurmd{self.node_suffix}.log
 JobCompType=jobcomp/filetxt
 JobCompLoc={r}/jobcomp.log
-NodeName={host} CPUs={os.cpu_count()} RealMemory={_real_memory_mib()} State=UNKNOWN
-PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
-""")
+{nodes}""")
 
     def _wait_idle(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -217,8 +230,9 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
             res = subprocess.run(["sinfo", "-h", "-o", "%T"], env=self.env,
                                  capture_output=True, text=True, timeout=30)
             state = res.stdout.strip()
-            if state == "idle":
+            if state and set(state.split()) == {"idle"}:
                 return
             time.sleep(1)
-        raise SlurmUnavailable(f"node not idle after {timeout_s:.0f} s (sinfo: {state!r})\n"
-                               f"{self.log_tail('slurmctld')}\n{self.log_tail('slurmd')}")
+        slurmd = "slurmd" + self.node_suffix.replace("%n", "node0")
+        raise SlurmUnavailable(f"nodes not idle after {timeout_s:.0f} s (sinfo: {state!r})\n"
+                               f"{self.log_tail('slurmctld')}\n{self.log_tail(slurmd)}")

@@ -22,23 +22,24 @@ JOB_TIMEOUT_S = 900  # a shared 2-core machine: a 3-step job takes ~30 s when qu
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 
 
-def tiny_overrides(task: Path, steps: int) -> list[str]:
+def tiny_overrides(task: Path, steps: int, tp: int = 2) -> list[str]:
     return [f"model.path={task}/init", f"model.tokenizer={task}/tokenizer.model",
             f"data.path={task}/data/train.jsonl", "validation.path=null",
             f"run.steps={steps}", "rollout.prompts_per_step=4", "rollout.n=4",
-            "rollout.max_response_tokens=16", "run.micro_batch_size=16", "parallel.tp=2",
+            "rollout.max_response_tokens=16", "run.micro_batch_size=16", f"parallel.tp={tp}",
             "rollout.engine=embedded",
             # random-init responses all score 0 under math grading: vary the reward so
             # dynamic sampling keeps groups and every step updates
             "rollout.reward_fn=tests.slurm.rewards:length_reward"]
 
 
-def submit(cluster, run_dir: Path, overrides: list[str]) -> str:
+def submit(cluster, run_dir: Path, overrides: list[str], nodes: int = 1,
+           ranks_per_node: int = 2) -> str:
     env = {**cluster.env, "PYTHONPATH": str(REPO), "MEGATRON_ERC_VENV": str(REPO / ".venv"),
-           "MEGATRON_ERC_RUN_DIR": str(run_dir), "MEGATRON_ERC_NPROC_PER_NODE": "2",
-           "OMP_NUM_THREADS": "1"}
+           "MEGATRON_ERC_RUN_DIR": str(run_dir),
+           "MEGATRON_ERC_NPROC_PER_NODE": str(ranks_per_node), "OMP_NUM_THREADS": "1"}
     out = run_dir.parent / f"{run_dir.name}-%j.out"
-    res = subprocess.run(["sbatch", "--parsable", "--nodes=1", f"--output={out}",
+    res = subprocess.run(["sbatch", "--parsable", f"--nodes={nodes}", f"--output={out}",
                           f"--chdir={REPO}", str(SBATCH), "examples/tiny/dapo_erc.yaml",
                           *overrides], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
