@@ -5,10 +5,22 @@ explicit mask)."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
-from tests.distributed.harness import run_distributed
+from tests.distributed.harness import run_distributed, run_each
+
+# Every case runs in one world of 1 (harness.run_each), started once on one xdist worker.
+pytestmark = pytest.mark.xdist_group("causal_attention")
+CASES = [(4, 2, "float32"), (4, 4, "float32"), (6, 1, "float32"), (4, 2, "bfloat16")]
+
+
+@functools.cache
+def results() -> dict:
+    calls = [("tests.distributed.test_causal_attention:compare", c) for c in CASES]
+    return dict(zip(CASES, run_distributed(run_each, 1, calls, timeout=900)[0], strict=True))
 
 
 def compare(rank: int, world: int, heads: int, groups: int, dtype: str):
@@ -70,7 +82,7 @@ def compare(rank: int, world: int, heads: int, groups: int, dtype: str):
 
 @pytest.mark.parametrize("heads,groups", [(4, 2), (4, 4), (6, 1)])
 def test_matches_megatron_dot_product_attention(heads, groups):
-    r = run_distributed(compare, 1, heads, groups, "float32")[0]
+    r = results()[(heads, groups, "float32")]
     for got, want, what in zip(r["ours"], r["ref"], ("out", "dq", "dk", "dv"), strict=True):
         err = float((got - want).abs().max() / want.abs().max())
         assert err < 1e-6, (what, err)
@@ -87,7 +99,7 @@ def test_matches_megatron_dot_product_attention(heads, groups):
 
 
 def test_bf16_matches_megatron_within_bf16_rounding():
-    r = run_distributed(compare, 1, 4, 2, "bfloat16")[0]
+    r = results()[(4, 2, "bfloat16")]
     for got, want, what in zip(r["ours"], r["ref"], ("out", "dq", "dk", "dv"), strict=True):
         err = float((got - want).abs().max() / want.abs().max())
         assert err < 2e-2, (what, err)

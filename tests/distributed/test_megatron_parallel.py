@@ -13,7 +13,7 @@ import pathlib
 
 import pytest
 
-from tests.distributed.harness import RankFailed, run_distributed
+from tests.distributed.harness import RankFailed, run_distributed, run_each
 from tests.distributed.megatron_cases import MICRO_BATCHES, run_case
 
 TOL = 1e-5
@@ -26,9 +26,24 @@ TINY_8H = dict(TINY, num_attention_heads=8, num_key_value_heads=4)
 MODELS = {"qwen2": TINY, "llama_tied": TIED_LLAMA, "qwen2_8h": TINY_8H}
 
 
+# One world per world size, not per case: the references run in one world of 1, the cases
+# of each world size in one world, megatron's parallel state rebuilt between cases
+# (harness.run_each). The group keeps this module's tests on one xdist worker, so each
+# world is started once.
+pytestmark = pytest.mark.xdist_group("megatron_parallel")
+TIMEOUT_S = 1800
+RUN_CASE = "tests.distributed.megatron_cases:run_case"
+
+
 @functools.cache
+def references() -> dict:
+    calls = [(RUN_CASE, (hf, {}, None)) for hf in MODELS.values()]
+    return dict(zip(MODELS, run_distributed(run_each, 1, calls, timeout=TIMEOUT_S)[0],
+                    strict=True))
+
+
 def reference(model: str) -> dict:
-    return run_distributed(run_case, 1, MODELS[model], {}, None)[0]
+    return references()[model]
 
 
 def check(results: list[dict], world: int, par: dict) -> None:
@@ -43,25 +58,35 @@ def check(results: list[dict], world: int, par: dict) -> None:
     assert worst[0][1] < TOL, f"{par}: worst relative errors {worst}"
 
 
-CASES = [
-    pytest.param(2, {"tp": 2}, "qwen2", id="tp2"),
-    pytest.param(4, {"tp": 4}, "qwen2_8h", id="tp4"),
-    pytest.param(2, {"tp": 2, "sp": True}, "qwen2", id="tp2-sp"),
-    pytest.param(2, {"pp": 2}, "qwen2", id="pp2"),
-    pytest.param(2, {"pp": 2}, "llama_tied", id="pp2-tied"),
-    pytest.param(2, {"pp": 2, "vpp": 2}, "qwen2", id="pp2-vpp2"),
-    pytest.param(4, {"tp": 2, "pp": 2}, "qwen2", id="tp2-pp2"),
-    pytest.param(4, {"tp": 2, "pp": 2, "sp": True}, "llama_tied", id="tp2-pp2-sp-tied"),
-    pytest.param(2, {}, "qwen2", id="dp2"),
-    pytest.param(4, {"tp": 2}, "qwen2", id="dp2-tp2"),
+CASES = [  # (id, world, par, model)
+    ("tp2", 2, {"tp": 2}, "qwen2"),
+    ("tp4", 4, {"tp": 4}, "qwen2_8h"),
+    ("tp2-sp", 2, {"tp": 2, "sp": True}, "qwen2"),
+    ("pp2", 2, {"pp": 2}, "qwen2"),
+    ("pp2-tied", 2, {"pp": 2}, "llama_tied"),
+    ("pp2-vpp2", 2, {"pp": 2, "vpp": 2}, "qwen2"),
+    ("tp2-pp2", 4, {"tp": 2, "pp": 2}, "qwen2"),
+    ("tp2-pp2-sp-tied", 4, {"tp": 2, "pp": 2, "sp": True}, "llama_tied"),
+    ("dp2", 2, {}, "qwen2"),
+    ("dp2-tp2", 4, {"tp": 2}, "qwen2"),
 ]
+# Without the p2p adaptation (megatron's batched p2p over gloo), in the world of 2.
+UNADAPTED_VPP = ("pp2-vpp2-batched-p2p", 2, {"pp": 2, "vpp": 2}, "qwen2")
 
 
-@pytest.mark.parametrize("world,par,model", CASES)
-def test_parallel_matches_single_process(world, par, model):
-    ref = reference(model)
-    results = run_distributed(run_case, world, MODELS[model], par, ref)
-    check(results, world, par)
+@functools.cache
+def world_results(world: int) -> dict[str, list[dict]]:
+    """``{case id: per-rank results}`` of every case of this world size, in one spawn."""
+    cases = [c for c in [*CASES, UNADAPTED_VPP] if c[1] == world]
+    calls = [(RUN_CASE, (MODELS[model], par, reference(model), True, cid != UNADAPTED_VPP[0]))
+             for cid, _, par, model in cases]
+    ranks = run_distributed(run_each, world, calls, timeout=TIMEOUT_S)
+    return {cid: [r[i] for r in ranks] for i, (cid, *_) in enumerate(cases)}
+
+
+@pytest.mark.parametrize("case_id,world,par,model", [pytest.param(*c, id=c[0]) for c in CASES])
+def test_parallel_matches_single_process(case_id, world, par, model):
+    check(world_results(world)[case_id], world, par)
 
 
 def test_cpu_layer_is_needed_for_tp():
@@ -72,7 +97,6 @@ def test_cpu_layer_is_needed_for_tp():
 def test_batched_p2p_over_gloo_is_silently_wrong_with_virtual_pipeline():
     """Without the p2p adaptation the interleaved schedule runs but computes wrong grads:
     the reason the adaptation exists and the case a test must cover."""
-    results = run_distributed(run_case, 2, TINY, {"pp": 2, "vpp": 2}, reference("qwen2"),
-                              adapt_p2p=False)
+    results = world_results(2)[UNADAPTED_VPP[0]]
     worst = max(v for r in results for v in r["errors"].values())
     assert worst > 1e-3, f"expected a silent mismatch, got worst relative error {worst}"

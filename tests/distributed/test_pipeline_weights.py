@@ -10,7 +10,10 @@ import pathlib
 import pytest
 import torch
 
-from tests.distributed.harness import run_distributed
+from tests.distributed.harness import run_distributed, run_each
+
+# The two-rank cases share one world (harness.run_each), started once on one xdist worker.
+pytestmark = pytest.mark.xdist_group("pipeline_weights")
 
 TINY = json.loads((pathlib.Path(__file__).parents[2] / "examples/tiny/config.json").read_text())
 
@@ -38,9 +41,20 @@ def stream(rank: int, world: int, tp: int, pp: int):
     return {"got": got, "want": {n: t for s in stages for n, t in s.items()}}
 
 
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> dict:
+    """``stream`` at PP=2 and ``export_at_pp2`` in one world of 2."""
+    out = str(tmp_path_factory.mktemp("pp2_export"))
+    calls = [("tests.distributed.test_pipeline_weights:stream", (1, 2)),
+             ("tests.distributed.test_pipeline_weights:export_at_pp2", (out,))]
+    ranks = run_distributed(run_each, 2, calls, timeout=900)
+    return {"stream": [r[0] for r in ranks], "export": [r[1] for r in ranks]}
+
+
 @pytest.mark.parametrize("tp,pp", [(1, 2), (2, 2)])
-def test_every_rank_receives_every_stage_exactly(tp, pp):
-    results = run_distributed(stream, tp * pp, tp, pp)
+def test_every_rank_receives_every_stage_exactly(tp, pp, request):
+    results = (request.getfixturevalue("two_ranks")["stream"] if tp * pp == 2
+               else run_distributed(stream, tp * pp, tp, pp))
     for r in results:
         names = [n for n, _ in r["got"]]
         assert len(names) == len(set(names)), "a tensor arrived twice"
@@ -90,7 +104,7 @@ def export_at_pp2(rank: int, world: int, out: str):
     return float((got - want).abs().max() / want.abs().max())
 
 
-def test_sft_export_at_pp2_gives_the_megatron_logits(tmp_path):
-    results = run_distributed(export_at_pp2, 2, str(tmp_path))
+def test_sft_export_at_pp2_gives_the_megatron_logits(two_ranks):
+    results = two_ranks["export"]
     assert results[0] is None and results[1] is not None
     assert results[1] < 1e-5, results[1]
