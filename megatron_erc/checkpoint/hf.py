@@ -15,6 +15,9 @@ safetensors shards. Both run their ranks in fresh processes (``spawn`` + a file 
 or in the current ranks when started by ``torchrun`` (``platform.spawn.run_ranks``).
 Outputs are written to ``.<name>.partial`` next to the target and renamed only when
 complete (``checkpoint.io``).
+
+megatron-core and transformers are imported inside the functions that use them: they take
+seconds to import, and the commands check their inputs before they load.
 """
 
 from __future__ import annotations
@@ -26,7 +29,10 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from megatron_erc import platform
 from megatron_erc.checkpoint.io import (
     HF_SUBDIR,
     META_FILE,
@@ -37,7 +43,14 @@ from megatron_erc.checkpoint.io import (
     staging_path,
     write_model_meta,
 )
-from megatron_erc.models.hf_adapter import HFLayout, check_hf_shape, is_ignored_hf_name
+from megatron_erc.models.gpt import ParallelConfig, build_model_chunks
+from megatron_erc.models.hf_adapter import (
+    HFLayout,
+    check_hf_shape,
+    is_ignored_hf_name,
+    iter_hf_weights,
+    load_hf_weights,
+)
 from megatron_erc.platform.spawn import RankFailure, run_ranks
 
 
@@ -56,8 +69,6 @@ class SafetensorsReader:
     """Lazy access to the tensors of an HF directory (single file or sharded with index)."""
 
     def __init__(self, hf_dir: str | os.PathLike):
-        from safetensors import safe_open
-
         d = pathlib.Path(hf_dir)
         index = d / "model.safetensors.index.json"
         if index.exists():
@@ -118,8 +129,6 @@ class SafetensorsWriter:
         self.total += nbytes
 
     def _flush(self) -> None:
-        from safetensors.torch import save_file
-
         fname = f"part-{len(self.files):05d}.safetensors"
         save_file(self.pending, str(self.out_dir / fname), metadata={"format": "pt"})
         self.files.append((fname, list(self.pending)))
@@ -167,10 +176,6 @@ def _import_rank(hf_dir: str, out: str, tp: int, pp: int, pad_vocab_multiple: in
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
     from transformers import AutoConfig
-
-    from megatron_erc import platform
-    from megatron_erc.models.gpt import ParallelConfig, build_model_chunks
-    from megatron_erc.models.hf_adapter import load_hf_weights
 
     platform.setup()
     platform.init_model_parallel(tp, pp, seed=0)
@@ -227,10 +232,6 @@ def read_meta(ckpt: str | os.PathLike) -> dict:
 def _export_rank(ckpt: str, out: str, tokenizer_dir: str | None, max_shard_bytes: int) -> None:
     from megatron.core import dist_checkpointing
     from transformers import AutoConfig
-
-    from megatron_erc import platform
-    from megatron_erc.models.gpt import ParallelConfig, build_model_chunks
-    from megatron_erc.models.hf_adapter import iter_hf_weights
 
     platform.setup()
     platform.init_model_parallel(1, 1, seed=0)

@@ -23,6 +23,9 @@ the side files and the marker and renames the directory into place, so a writer 
 any point leaves either the previous set of checkpoints or the new one, never a
 half-written ``step_*`` directory. Files written with ``torch.save`` are read back with
 ``weights_only=True`` only.
+
+megatron-core is imported inside the functions that use it: it takes seconds to
+import, and the commands check their inputs before it loads.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from megatron_erc.checkpoint.steps import (
     read_marker,
     step_dir,
 )
+from megatron_erc.platform import require_supported_megatron
 from megatron_erc.trainer.actor import torch_optimizers
 
 logger = logging.getLogger(__name__)
@@ -215,8 +219,6 @@ def save_checkpoint(root: str | os.PathLike, step: int, actor, extra_state: dict
     one just written is never deleted. An existing checkpoint of the same step is replaced.
     """
     from megatron.core import dist_checkpointing
-
-    from megatron_erc.platform import require_supported_megatron
 
     require_supported_megatron("checkpoint saving (megatron's optimizer internals)")
     if keep_last < 0:

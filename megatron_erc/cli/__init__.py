@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("convert", help="HF <-> Megatron checkpoint conversion (see convert -h)",
                    add_help=False)
     args, rest = parser.parse_known_args(argv)
+    # Each command imports what it runs only now, so --help and argument errors are instant.
     if args.command == "convert":
         from megatron_erc.cli.convert import main as convert_main
 

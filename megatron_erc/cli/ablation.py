@@ -19,6 +19,7 @@ import shlex
 import subprocess
 import sys
 import time
+import warnings
 
 from megatron_erc.cli.assets import checkout_root, example_path
 
@@ -66,7 +67,7 @@ def warm_start(root: pathlib.Path, sft_steps: int, sft_extra: list[str], threads
     """Task + tokenizer + random init, then one SFT run every RL run starts from."""
     cmds = []
     if not (root / "task" / "init").exists():
-        from megatron_erc.cli.demo import prepare
+        from megatron_erc.cli.demo import prepare  # torch and transformers: only to prepare
 
         print(f"[ablation] preparing the task in {root / 'task'}", flush=True)
         prepare(root / "task", seed=0)
@@ -178,7 +179,6 @@ def _rel(path: pathlib.Path) -> str:
 
 def train_one(config: str, overrides: list[str]) -> None:
     """One RL run with step-0 validation of the warm start (the CLI has none)."""
-    import warnings
 
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.core.*")
     from megatron_erc.config import load_config
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.report:
             return 0
         args.docs = args.report
-    from megatron_erc.cli.ablation_report import write_report
+    from megatron_erc.cli.ablation_report import write_report  # it imports this module
 
     print(write_report(pathlib.Path(args.out), pathlib.Path(args.docs)))
     return 0

@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 import pathlib
 
+import numpy as np
+
 from megatron_erc.cli.ablation import LABELS, REPO, VARIANTS, _rel
+from megatron_erc.trainer.metrics import read_metrics
 
 SPIKE_K = 3.0
 """A grad-norm spike is a step whose grad norm exceeds ``SPIKE_K`` x the run's median."""
@@ -16,7 +19,6 @@ TAIL = 5
 
 def load_runs(root: pathlib.Path) -> dict[str, dict[int, list[dict]]]:
     """``{variant: {seed: metric rows}}`` of every finished run under ``root/rl``."""
-    from megatron_erc.trainer.metrics import read_metrics
 
     out: dict[str, dict[int, list[dict]]] = {}
     for v in VARIANTS:
@@ -33,7 +35,6 @@ def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 def run_stats(rows: list[dict]) -> dict:
     """Per-run summary numbers (one seed); the table averages them over seeds."""
-    import numpy as np
 
     _, val = series(rows, "val/accuracy")
     _, acc = series(rows, "accuracy")
@@ -79,8 +80,6 @@ TABLE = [  # (stat, column header, format)
 
 
 def _mean_sd(xs: list[float], fmt: str) -> str:
-    import numpy as np
-
     xs = [x for x in xs if x == x]
     if not xs:
         return "n/a"
@@ -93,7 +92,6 @@ def plot_metric(runs: dict, keys: list[tuple[str, str]], title: str, out: pathli
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4), squeeze=False)
     for ax, (key, label) in zip(axes[0], keys, strict=True):

@@ -11,6 +11,13 @@ command runs under torchrun with that many ranks.
 from __future__ import annotations
 
 import argparse
+import pathlib
+from types import SimpleNamespace
+
+from megatron_erc.checkpoint.hf import ConvertError, hf_to_megatron, megatron_to_hf
+from megatron_erc.checkpoint.steps import COMPLETE_FILE, check_resumable, list_complete
+from megatron_erc.errors import UserError, run_command
+from megatron_erc.trainer.preflight import check_model
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,16 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: 0, or 2 with ``megatron-erc convert: KIND error: MESSAGE`` on stderr
     when the inputs are wrong or conversion is refused (see ``megatron_erc.errors``)."""
-    from megatron_erc.errors import run_command
 
     args = build_parser().parse_args(argv)
     return run_command("convert", lambda: _convert(args))
 
 
 def _convert(args) -> None:
-    from megatron_erc.checkpoint.hf import ConvertError, hf_to_megatron, megatron_to_hf
-    from megatron_erc.errors import UserError
-
     try:
         if args.command == "hf-to-megatron":
             _check_hf_dir(args.hf_dir, args.tp, args.pp)
@@ -70,10 +73,6 @@ def _convert(args) -> None:
 def _check_hf_dir(hf_dir: str, tp: int, pp: int) -> None:
     """A supported HF model directory with weights, whose heads and layers the layout
     splits evenly."""
-    from types import SimpleNamespace
-
-    from megatron_erc.errors import UserError
-    from megatron_erc.trainer.preflight import check_model
 
     hf = check_model(SimpleNamespace(path=hf_dir), name="--hf-dir")
     heads = hf["num_attention_heads"]
@@ -89,10 +88,6 @@ def _check_hf_dir(hf_dir: str, tp: int, pp: int) -> None:
 def _check_ckpt(ckpt: str) -> None:
     """A directory written by hf-to-megatron or a training checkpoint; a training one must
     be complete and intact."""
-    import pathlib
-
-    from megatron_erc.checkpoint.steps import COMPLETE_FILE, check_resumable, list_complete
-    from megatron_erc.errors import UserError
 
     path = pathlib.Path(ckpt)
     if not path.is_dir():

@@ -15,18 +15,23 @@ import json
 import pathlib
 import time
 
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
 from megatron_erc.cli.assets import example_path
+from megatron_erc.cli.plot import plot_run
+from megatron_erc.config import load_config
+from megatron_erc.data.arithmetic import generate_problems
+from megatron_erc.data.tokenizers import train_sentencepiece
+from megatron_erc.trainer.config import TrainConfig
+from megatron_erc.trainer.run import run_train
+from megatron_erc.trainer.sft import SFTConfig, run_sft
 
 PROMPT = "Q: {q}\nA: "
 
 
 def prepare(root: pathlib.Path, seed: int = 0) -> None:
     """Task files, tokenizer and a random-init HF model directory under ``root``."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from megatron_erc.data.arithmetic import generate_problems
-    from megatron_erc.data.tokenizers import train_sentencepiece
 
     train = generate_problems(4000, seed=seed, difficulty=1)
     val = generate_problems(128, seed=seed + 10_000, difficulty=1)
@@ -49,11 +54,6 @@ def prepare(root: pathlib.Path, seed: int = 0) -> None:
 
 def run_demo(out_dir: str = "runs/demo", sft_steps: int = 150, rl_steps: int = 60,
              seed: int = 0) -> dict:
-    from megatron_erc.cli.plot import plot_run
-    from megatron_erc.config import load_config
-    from megatron_erc.trainer.config import TrainConfig
-    from megatron_erc.trainer.run import run_train
-    from megatron_erc.trainer.sft import SFTConfig, run_sft
 
     t0 = time.time()
     root = pathlib.Path(out_dir)

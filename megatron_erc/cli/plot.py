@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from megatron_erc.trainer.metrics import read_metrics
+
 PANELS = [
     ("accuracy", ["accuracy", "val/accuracy"]),
     ("reward", ["reward/mean"]),
@@ -27,8 +29,6 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from megatron_erc.trainer.metrics import read_metrics
 
     run_dir = Path(run_dir)
     rows = [r for r in read_metrics(run_dir) if "step" in r]

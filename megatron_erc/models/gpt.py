@@ -5,6 +5,9 @@ theta, grouped-query attention, Qwen2's qkv bias, tied or untied embeddings, and
 vocabulary padded to a multiple of ``pad_multiple * tp`` (megatron shards the embedding and
 output layer evenly; the padding rows are masked out of every probability downstream).
 Transformer Engine's layer spec is used when TE is importable, the local spec otherwise.
+
+megatron-core is imported inside the functions that use it: it takes seconds to
+import, and the commands check their inputs before it loads.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_erc.models.support import check_supported, hf_field, rope_theta
+from megatron_erc.platform import adapt_parallel_config, adapt_transformer_kwargs, detect
 
 RECOMPUTE_CHOICES = ("none", "selective", "full")
 
@@ -113,8 +117,6 @@ def transformer_config_from_hf(hf_config, parallel: ParallelConfig, *, platform=
     by default) then has the last word on what it cannot run (see
     ``megatron_erc.platform.adapt_transformer_kwargs``)."""
     from megatron.core.transformer import TransformerConfig
-
-    from megatron_erc.platform import adapt_parallel_config, adapt_transformer_kwargs, detect
 
     check_supported(hf_config)  # model type, RoPE, MLP and attention biases
     heads = hf_config.num_attention_heads

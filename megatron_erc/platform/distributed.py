@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -25,7 +26,6 @@ def init_process_group(platform: Platform | None = None, timeout=None) -> Platfo
     if "WORLD_SIZE" in os.environ:
         dist.init_process_group(platform.backend, timeout=timeout)
     else:
-        import tempfile
 
         store = dist.FileStore(tempfile.mktemp(prefix="megatron-erc-store-"), 1)
         dist.init_process_group(platform.backend, store=store, rank=0, world_size=1,

@@ -19,6 +19,7 @@ TP run starts from the same weights as TP=1 for the same seed.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from typing import Any
 
@@ -31,7 +32,6 @@ CPU_FUSIONS_OFF = ("gradient_accumulation_fusion", "apply_rope_fusion", "masked_
 
 def megatron_default(field: str) -> Any:
     """The default of one ``TransformerConfig`` field in the installed megatron-core."""
-    import dataclasses
 
     from megatron.core.transformer import TransformerConfig
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
+
 from megatron_erc.errors import ConfigError  # the CLI prints it without a traceback
 
 GIB = 1024**3
@@ -29,7 +31,6 @@ def check_engine_memory(gpu_memory_utilization: float, *, device_index: int = 0,
         raise ValueError(f"rollout.gpu_memory_utilization must be in (0, 1], got "
                          f"{gpu_memory_utilization}")
     if mem_get_info is None:
-        import torch
 
         if not torch.cuda.is_available():
             return

@@ -22,6 +22,9 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+
+from megatron_erc.rollout.shm_stream import receive
 
 from .engine import Sample, SamplingConfig, StreamedWeightLoads
 
@@ -41,7 +44,6 @@ class WeightReloadExtension:
 
     def erc_load_from_shm(self, spec: dict) -> None:
         """Worker process: the tensors arrive through the sender's shared-memory slots."""
-        from megatron_erc.rollout.shm_stream import receive
 
         cache = self.__dict__.setdefault("_erc_segments", {})
         self.model_runner.reload_weights(weights_iterator=receive(spec, cache))
@@ -64,7 +66,6 @@ class WeightReloadExtension:
 
 def checkpoint_shapes(model_dir: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     """Parameter name -> shape from the safetensors headers of a HF directory (no data read)."""
-    from safetensors import safe_open
 
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:

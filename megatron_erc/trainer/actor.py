@@ -5,6 +5,9 @@ Micro-batches are ``batch.MicroBatch`` objects on the model's device: ``tokens``
 whatever the loss needs.
 A loss callback receives this rank's vocabulary-sharded logits and returns
 ``(loss, metrics)``; vocabulary-parallel log-probs come from ``ops.logprobs_and_entropy``.
+
+megatron-core is imported inside the functions that use it: it takes seconds to
+import, and the commands check their inputs before it loads.
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ from collections.abc import Callable, Sequence
 import torch
 
 from megatron_erc.models import ParallelConfig, build_model_chunks
+from megatron_erc.models.hf_adapter import iter_hf_weights
+from megatron_erc.models.pipeline_weights import all_stage_weights
 from megatron_erc.ops.vocab_parallel import chunk_rows, logprobs_and_entropy
+from megatron_erc.platform import detect, require_supported_megatron
 from megatron_erc.trainer.batch import MicroBatch
 
 LossFn = Callable[[torch.Tensor, "MicroBatch"], tuple[torch.Tensor, dict]]
@@ -83,8 +89,6 @@ class Actor:
             finalize_model_grads,
         )
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
-        from megatron_erc.platform import detect, require_supported_megatron
 
         # step() and checkpointing use megatron's private optimizer APIs (prepare_grads,
         # step_with_ready_grads, optimizer internals): pinned to the release they were
@@ -179,7 +183,6 @@ class Actor:
     def hf_weights(self):
         """This pipeline stage's weights as ``(hf_name, full tensor)`` pairs, TP shards
         gathered over the TP group (every TP rank must iterate)."""
-        from megatron_erc.models.hf_adapter import iter_hf_weights
 
         tp = self.tp_group if self.parallel.tp > 1 else None
         return iter_hf_weights(self.model, self.hf_config, tp_group=tp)
@@ -188,7 +191,6 @@ class Actor:
         """The whole model's ``(hf_name, full tensor)`` pairs on every rank (weight sync into
         each rank's engine, HF export). Every rank must exhaust the iterator: TP ranks gather
         their shards in lockstep, each pipeline stage broadcasts its layers to the others."""
-        from megatron_erc.models.pipeline_weights import all_stage_weights
 
         weights = self.hf_weights()
         return all_stage_weights(weights, self.pp_group) if self.parallel.pp > 1 else weights

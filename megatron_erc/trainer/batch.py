@@ -18,6 +18,7 @@ import dataclasses
 import heapq
 
 import torch
+import torch.distributed as dist
 
 
 @dataclasses.dataclass
@@ -236,7 +237,6 @@ def global_token_count(micro_batches: list[MicroBatch], mask_of=lambda mb: mb.lo
     """Sum of ``mask_of(mb)`` over micro-batches and the data-parallel group (the token-mean
     denominator: the loss then depends neither on the micro-batch split nor on DP). The
     all-reduce runs on the micro-batches' device (NCCL reduces device tensors only)."""
-    import torch.distributed as dist
 
     if not micro_batches:
         raise ValueError("global_token_count needs at least one micro-batch")

@@ -9,6 +9,9 @@ import math
 import sys
 from pathlib import Path
 
+from megatron_erc.algorithms import NON_ADDITIVE_METRICS, POLICY_LOSS_METRICS
+from megatron_erc.rewards.pool import COUNT_NAMES
+
 
 class MetricsWriter:
     def __init__(self, run_dir: str | Path, enabled: bool = True):
@@ -114,9 +117,6 @@ class Reduce(enum.Enum):
 
 
 def _declared() -> dict[str, Reduce]:
-    from megatron_erc.algorithms import NON_ADDITIVE_METRICS, POLICY_LOSS_METRICS
-    from megatron_erc.rewards.pool import COUNT_NAMES
-
     same = ["reward/mean", "accuracy", "response/len_mean", "response/len_max",
             "response/clipped_frac", "dynamic_sampling/groups_kept", "dynamic_sampling/rounds",
             "grad_norm", "lr", "val/accuracy", *COUNT_NAMES]

@@ -13,6 +13,7 @@ what to do. The files read here are returned (``Inputs``) so nothing is read twi
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import importlib.util
 import json
 import os
@@ -20,9 +21,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+import torch.distributed as dist
+
+from megatron_erc import platform
+from megatron_erc.checkpoint.steps import check_resumable
 from megatron_erc.data.prompts import PromptDataConfig, PromptDataset, PromptFileError
+from megatron_erc.data.tokenizers import load_tokenizer
 from megatron_erc.errors import UserError, current_rank
 from megatron_erc.models.support import unsupported
+from megatron_erc.platform.distributed import init_process_group
+from megatron_erc.rewards.registry import load_reward_fn
 
 T = TypeVar("T")
 
@@ -51,7 +59,6 @@ def check_train(cfg) -> Inputs:
             inputs.validation = load_prompts(validation_data(cfg), tokenizer, "validation.path")
         resume = cfg.checkpoint.resume
         if resume and resume != "auto":
-            from megatron_erc.checkpoint.steps import check_resumable
 
             check_resumable(resume)
         return inputs
@@ -118,12 +125,6 @@ def agree(check: Callable[[], T], timeout_min: float) -> T:
     except UserError as e:
         error = e
     if current_rank()[1] > 1:
-        import datetime
-
-        import torch.distributed as dist
-
-        from megatron_erc import platform
-        from megatron_erc.platform.distributed import init_process_group
 
         init_process_group(platform.setup(), timeout=datetime.timedelta(minutes=timeout_min))
         outcomes = [None] * dist.get_world_size()
@@ -255,7 +256,6 @@ def check_layout(parallel, hf: dict, where: str, rollout=None) -> None:
 def load_checked_tokenizer(model, hf: dict):
     """The tokenizer of ``model.tokenizer`` (else ``model.path``), whose ids must fit the
     model's embedding (``vocab_size`` in config.json)."""
-    from megatron_erc.data.tokenizers import load_tokenizer
 
     path = model.tokenizer or model.path
     name = "model.tokenizer" if model.tokenizer else "model.path (model.tokenizer unset)"
@@ -284,7 +284,6 @@ def load_checked_tokenizer(model, hf: dict):
 # ---------------------------------------------------------------- plugins and data
 def check_reward(spec: str) -> None:
     """``rollout.reward_fn`` imports and takes ``(response, answer, **meta)``."""
-    from megatron_erc.rewards.registry import load_reward_fn
 
     try:
         load_reward_fn(spec)

@@ -1,24 +1,47 @@
 """``megatron-erc train``: wire config, process groups, actor, engine, grader and data
 together, then hand over to ``rl.train``. Single-rank runs need no launcher; ``torchrun``
 launches multi-rank ones. The inputs are checked first (``preflight``), before any
-collective or model building."""
+collective or model building.
+
+megatron-core and transformers are imported inside the functions that build models: they
+take seconds to import, and a mistake in the inputs is reported before they load.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import logging
+import os
 import random
 import signal
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
+from megatron_erc import platform
+from megatron_erc.checkpoint import train as ckpt
+from megatron_erc.checkpoint.hf import SafetensorsReader
 from megatron_erc.config import to_dict
 from megatron_erc.errors import UserError
+from megatron_erc.models.hf_adapter import load_hf_weights
+from megatron_erc.platform.distributed import init_process_group
+from megatron_erc.rewards import RewardGrader
+from megatron_erc.rollout import EmbeddedEngine, SamplingConfig, VLLMEngine, vllm_available
+from megatron_erc.rollout.memory import check_engine_memory
+from megatron_erc.trainer.actor import Actor
+from megatron_erc.trainer.colocate import Colocation
 from megatron_erc.trainer.config import TrainConfig
+from megatron_erc.trainer.layout import engine_slot
 from megatron_erc.trainer.metrics import MetricsWriter, Progress
+from megatron_erc.trainer.offload import TrainerOffload
+from megatron_erc.trainer.preflight import check_eval, check_model, check_train
+from megatron_erc.trainer.rl import RunContext, train
+from megatron_erc.trainer.rollouts import Generator, validation_accuracy
+from megatron_erc.trainer.steps import sync_engine
 from megatron_erc.trainer.stop_budget import StopBudget
 
 log = logging.getLogger(__name__)
@@ -27,11 +50,7 @@ log = logging.getLogger(__name__)
 def setup_parallel(cfg: TrainConfig):
     """Process group and megatron's parallel state, every collective under
     ``parallel.distributed_timeout_min``."""
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
-
-    from megatron_erc import platform
-    from megatron_erc.platform.distributed import init_process_group
 
     plat = init_process_group(platform.setup(), timeout=_timeout(cfg))
     if ps.model_parallel_is_initialized():  # e.g. sft then train in one process
@@ -51,27 +70,18 @@ def object_group(cfg: TrainConfig):
     """Group for gathering Python objects (generated tokens, rewards, metrics): a gloo side
     group when the default one is NCCL (which moves device tensors only), else None (the
     default group)."""
-    import torch.distributed as dist
-
     if dist.get_backend() != "nccl":
         return None
     return dist.new_group(backend="gloo", timeout=_timeout(cfg))
 
 
 def _timeout(cfg: TrainConfig):
-    import datetime
-
     return datetime.timedelta(minutes=cfg.parallel.distributed_timeout_min)
 
 
 def build_actor(cfg: TrainConfig):
     from megatron.core import parallel_state as ps
     from transformers import AutoConfig
-
-    from megatron_erc.checkpoint.hf import SafetensorsReader
-    from megatron_erc.models.hf_adapter import load_hf_weights
-    from megatron_erc.trainer.actor import Actor
-    from megatron_erc.trainer.preflight import check_model
 
     check_model(cfg.model)  # a directory with config.json, and weights unless random_init
     hf_config = AutoConfig.from_pretrained(cfg.model.path)
@@ -91,12 +101,6 @@ def build_actor(cfg: TrainConfig):
 
 def rank_slot(cfg: TrainConfig):
     """This rank's rollout engine slot (``layout.engine_slot`` from torchrun's variables)."""
-    import os
-
-    import torch.distributed as dist
-
-    from megatron_erc.trainer.layout import engine_slot
-
     world = dist.get_world_size()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank() % local_world))
@@ -106,11 +110,7 @@ def rank_slot(cfg: TrainConfig):
 def build_engine(cfg: TrainConfig, actor, slot):
     """This rank's rollout engine: every rank runs an embedded engine; with vLLM, each engine
     leader starts one spanning its ``rollout.tp`` ranks' devices (None on the other ranks)."""
-    import torch.distributed as dist
     from transformers import AutoModelForCausalLM
-
-    from megatron_erc.rollout import EmbeddedEngine, vllm_available
-    from megatron_erc.trainer.steps import sync_engine
 
     kind = cfg.rollout.engine
     if kind == "auto":
@@ -125,9 +125,6 @@ def build_engine(cfg: TrainConfig, actor, slot):
             actor.hf_config, dtype=getattr(torch, cfg.parallel.params_dtype)),
             device=actor.device)
     elif slot.is_leader:
-        from megatron_erc.rollout import VLLMEngine
-        from megatron_erc.rollout.memory import check_engine_memory
-        from megatron_erc.trainer.offload import TrainerOffload
 
         # The engine's workers are processes of their own, on exactly this engine's devices
         # (vLLM's multiprocessing executor): in this process, vLLM would set up
@@ -160,10 +157,6 @@ def build_engine(cfg: TrainConfig, actor, slot):
 def build_generator(cfg: TrainConfig, actor, tokenizer, group):
     """Engine, grader and slot of this rank (``rollouts.Generator``) and the memory phases
     around its generations (``colocate.Colocation``; the engine starts asleep)."""
-    from megatron_erc.rewards import RewardGrader
-    from megatron_erc.trainer.colocate import Colocation
-    from megatron_erc.trainer.rollouts import Generator
-
     slot = rank_slot(cfg)
     engine, kind = build_engine(cfg, actor, slot)
     grader = RewardGrader(cfg.rollout.reward_fn, timeout_s=cfg.rollout.reward_timeout_s,
@@ -177,12 +170,6 @@ def build_generator(cfg: TrainConfig, actor, tokenizer, group):
 
 
 def run_train(cfg: TrainConfig, validate_first: bool = False) -> list[dict]:
-    import torch.distributed as dist
-
-    from megatron_erc.checkpoint import train as ckpt
-    from megatron_erc.trainer.preflight import check_train
-    from megatron_erc.trainer.rl import RunContext, train
-
     inputs = check_train(cfg)  # every rank, before any collective
     setup_parallel(cfg)
     group = object_group(cfg)
@@ -276,10 +263,6 @@ def _validator(cfg: TrainConfig, dataset, tokenizer, generator, colocation, acto
     """Validation accuracy on ``dataset`` (None: no validation), sharded over every engine
     of the job (collective), inside a generation phase (engines awake with the current
     weights)."""
-    from megatron_erc.rollout import SamplingConfig
-    from megatron_erc.trainer.rollouts import validation_accuracy
-    from megatron_erc.trainer.steps import sync_engine
-
     v = cfg.validation
     if dataset is None:
         return None
@@ -300,8 +283,6 @@ def _validator(cfg: TrainConfig, dataset, tokenizer, generator, colocation, acto
 def run_eval(cfg: TrainConfig) -> float:
     """Validation accuracy of ``model.path`` on ``validation.path`` (no training); every rank
     generates its share. ``data`` only lends its field names and template (optional)."""
-    from megatron_erc.trainer.preflight import check_eval
-
     inputs = check_eval(cfg)  # every rank, before any collective
     setup_parallel(cfg)
     actor = build_actor(cfg)

@@ -2,18 +2,28 @@
 
 Sequences are ``prompt + completion + eos``; only completion tokens (and eos) enter the
 loss, a token-mean over the whole mini-batch.
+
+megatron-core is imported inside the functions that use it: it takes seconds to
+import, and the commands check their inputs before it loads.
 """
 
 from __future__ import annotations
 
+import json
 import random
+import shutil
 from pathlib import Path
 
 import torch
 
+from megatron_erc.checkpoint.hf import SafetensorsWriter
+from megatron_erc.checkpoint.io import copy_side_files, publish, staging_dir
 from megatron_erc.trainer.actor import Actor
-from megatron_erc.trainer.batch import MicroBatch, global_token_count
+from megatron_erc.trainer.batch import MicroBatch, global_token_count, split
 from megatron_erc.trainer.config import SFTConfig
+from megatron_erc.trainer.metrics import MetricsWriter
+from megatron_erc.trainer.preflight import check_sft
+from megatron_erc.trainer.run import build_actor, setup_parallel
 
 
 def pack_sft_batch(tokenizer, prompts: list[str], completions: list[str], seq_len: int,
@@ -61,11 +71,6 @@ def run_sft(cfg: SFTConfig, actor=None, log=print) -> tuple[Path, float]:
     """Train ``cfg.run.steps`` steps and export the model as an HF directory."""
     from megatron.core import parallel_state as ps
 
-    from megatron_erc.trainer.batch import split
-    from megatron_erc.trainer.metrics import MetricsWriter
-    from megatron_erc.trainer.preflight import check_sft
-    from megatron_erc.trainer.run import build_actor, setup_parallel
-
     inputs, examples = check_sft(cfg)  # every rank, before any collective
     tokenizer = inputs.tokenizer
     setup_parallel(cfg)
@@ -93,11 +98,6 @@ def export_hf(actor, out: Path, model_cfg) -> None:
     """Write the actor as an HF directory (TP shards gathered, every pipeline stage's layers
     brought to rank 0, which writes; collective). The starting model's tokenizer and
     generation files, and a SentencePiece ``model.tokenizer`` file, travel with the weights."""
-    import json
-    import shutil
-
-    from megatron_erc.checkpoint.hf import SafetensorsWriter
-    from megatron_erc.checkpoint.io import copy_side_files, publish, staging_dir
 
     rank0 = torch.distributed.get_rank() == 0
     if rank0:

@@ -16,6 +16,8 @@ from megatron_erc.algorithms import (
     positive_nll,
     positive_token_mask,
 )
+from megatron_erc.models.hf_adapter import HFLayout
+from megatron_erc.rollout import sync_weights
 from megatron_erc.trainer.batch import (
     MicroBatch,
     Sequence,
@@ -129,8 +131,6 @@ def sync_engine(cfg, actor, engine) -> dict:
     an engine, the non-leader ranks of a tensor-parallel engine, only take part in the
     gathers). The manifest (every HF name and shape, from the model config) goes first, so an
     engine refuses a mismatched set before anything is loaded."""
-    from megatron_erc.models.hf_adapter import HFLayout
-    from megatron_erc.rollout import sync_weights
 
     weights = actor.full_hf_weights()
     if engine is None:
