@@ -11,5 +11,8 @@ if [ "$(id -u)" = 0 ] && ! command -v slurmctld >/dev/null 2>&1 && command -v ap
         || echo "[test] slurm packages unavailable: tests/slurm will skip"
 fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+# Every test runs here, the slow ones (marked `slow`: learning demo, ablation, Slurm) too; they
+# are collected first so they start beside the rest (tests/conftest.py). Locally,
+# `bash scripts/test.sh -m "not slow"` skips them.
 .venv/bin/ruff check megatron_erc tests benchmarks tools
 exec .venv/bin/python -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadgroup --durations=15 "$@" tests

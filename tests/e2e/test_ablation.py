@@ -8,6 +8,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TINY = ["rollout.engine=embedded", "rollout.prompts_per_step=4", "rollout.n=4",
         "rollout.max_response_tokens=12", "run.micro_batch_size=8", "run.updates_per_rollout=2",
@@ -16,6 +18,7 @@ TINY = ["rollout.engine=embedded", "rollout.prompts_per_step=4", "rollout.n=4",
         "rollout.reward_fn=tests.e2e.rewards:parity_reward"]
 
 
+@pytest.mark.slow
 def test_ablation_quick_writes_report(tmp_path):
     out, docs = tmp_path / "ablation", tmp_path / "docs"
     cmd = [sys.executable, "-m", "megatron_erc.cli.ablation", "run", "--quick", "--out", str(out),
