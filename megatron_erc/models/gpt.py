@@ -50,6 +50,10 @@ class ParallelConfig:
     probabilities, the activations that grow with the square of the sequence, for a small
     fraction of the FLOPs); ``"full"`` keeps only the input of each recomputed transformer
     layer and reruns the layer's forward in backward (about one extra forward pass)."""
+    fused_output_layer: bool | None = None
+    """Compute log-probs and entropy straight from the output layer's input and weight
+    (``ops.fused_logprobs_and_entropy``, Triton), never forming the ``[T, V/tp]`` logits.
+    None: on where Triton and a GPU are available; True: required (an error elsewhere)."""
     recompute_layers: int | None = None
     """With ``recompute="full"``: how many transformer layers of each pipeline stage (of each
     virtual stage with ``vpp``) are recomputed, counted from the stage's first layer; the

@@ -20,8 +20,10 @@ from collections.abc import Callable, Sequence
 import torch
 
 from megatron_erc.models import ParallelConfig, build_model_chunks
+from megatron_erc.models.fused_output import FusedOutput
 from megatron_erc.models.hf_adapter import iter_hf_weights
 from megatron_erc.models.pipeline_weights import all_stage_weights
+from megatron_erc.ops.fused_linear import fused_available
 from megatron_erc.ops.vocab_parallel import chunk_rows, logprobs_and_entropy
 from megatron_erc.platform import detect, require_supported_megatron
 from megatron_erc.trainer.batch import MicroBatch
@@ -100,6 +102,7 @@ class Actor:
             torch.device("cuda", torch.cuda.current_device())
         self.vocab_size = hf_config.vocab_size
         chunks = build_model_chunks(hf_config, parallel)
+        self.fused = _fused_output(chunks, parallel, self.device)
         self.config = chunks[0].config
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, use_distributed_optimizer=optim.use_distributed_optimizer)
@@ -132,6 +135,10 @@ class Actor:
         over the TP group only; padding ids of the vocabulary get zero probability. Tokens are
         processed in chunks whose fp32 work buffers fit in ``chunk_mb`` MiB
         (``algo.logprob_chunk_mb``)."""
+        if self.fused is not None:  # ``logits`` are the output layer's input [b, s, H]
+            return self.fused.logprobs(logits, labels, tp_group=self.tp_group,
+                                       tp_rank=self.tp_rank, vocab_size=self.vocab_size,
+                                       chunk_mb=chunk_mb, **kwargs)
         v_local = logits.shape[-1]
         return logprobs_and_entropy(logits, labels, tp_group=self.tp_group,
                                     vocab_start=self.tp_rank * v_local,
@@ -222,6 +229,19 @@ class Actor:
             return False, norm
         self.lr_scheduler.step(increment=1)
         return True, norm
+
+
+def _fused_output(chunks, parallel: ParallelConfig, device) -> FusedOutput | None:
+    """The fused output layer where ``parallel.fused_output_layer`` asks for it (None: where
+    Triton and a GPU are available)."""
+    want = parallel.fused_output_layer
+    available = fused_available(device)
+    if want and not available:
+        raise ValueError("parallel.fused_output_layer=true needs Triton and CUDA (or "
+                         "TRITON_INTERPRET=1 for a slow CPU check); set it to null or false")
+    if not (available if want is None else want):
+        return None
+    return FusedOutput(chunks, parallel.sequence_parallel)
 
 
 def torch_optimizers(optimizer) -> list:
