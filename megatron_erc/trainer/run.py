@@ -42,7 +42,7 @@ from megatron_erc.trainer.preflight import check_eval, check_model, check_train
 from megatron_erc.trainer.rl import RunContext, train
 from megatron_erc.trainer.rollouts import Generator, validation_accuracy
 from megatron_erc.trainer.steps import sync_engine
-from megatron_erc.trainer.stop_budget import StopBudget
+from megatron_erc.trainer.stop_budget import STOP_FILE_ENV, StopBudget
 
 log = logging.getLogger(__name__)
 
@@ -219,8 +219,13 @@ def run_train(cfg: TrainConfig, validate_first: bool = False) -> list[dict]:
             progress(m)
             budget.step(m.get("time/step", 0.0))
 
+        stop_file = os.environ.get(STOP_FILE_ENV)
+
         def should_stop() -> bool:
-            flag = torch.tensor(float(stop["flag"]), device=actor.device)
+            # a signal to this rank, or the batch script's stop file (it signals no process:
+            # engine processes would die on a TERM before the trainer has saved)
+            asked = stop["flag"] or bool(stop_file and os.path.exists(stop_file))
+            flag = torch.tensor(float(asked), device=actor.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same point
             return bool(flag.item())
 

@@ -14,6 +14,9 @@ import os
 from pathlib import Path
 
 LEAD_ENV = "MEGATRON_ERC_STOP_LEAD_S"
+STOP_FILE_ENV = "MEGATRON_ERC_STOP_FILE"
+"""A path every rank checks between generation rounds and updates: once it exists, the run
+saves and exits as on SIGTERM (how ``slurm/train.sbatch`` stops its ranks)."""
 
 
 class StopBudget:
