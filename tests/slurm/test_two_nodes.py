@@ -12,7 +12,6 @@ import time
 
 import pytest
 
-from tests.slurm.cluster import SlurmUnavailable
 from tests.slurm.test_sbatch import (
     assert_completed,
     checkpoints,
@@ -23,24 +22,8 @@ from tests.slurm.test_sbatch import (
     wait_job,
     wait_steps,
 )
-from tests.slurm.two_nodes import TwoNodeCluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
-
-
-@pytest.fixture(scope="module")
-def two_nodes(tmp_path_factory):
-    cluster = TwoNodeCluster(tmp_path_factory.mktemp("slurm2"))
-    try:
-        cluster.start()
-    except SlurmUnavailable as e:
-        cluster.stop()
-        pytest.skip(f"no two-node Slurm test cluster: {e}")
-    except BaseException:
-        cluster.stop()
-        raise
-    yield cluster
-    cluster.stop()
 
 
 def test_dp_across_nodes_stops_and_resumes_with_tp_across_nodes(two_nodes, tiny_task, tmp_path):
