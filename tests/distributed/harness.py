@@ -7,10 +7,10 @@ traceback.
 
 Ranks are forked from a server process (``forkserver``) that has imported torch,
 megatron-core and transformers once, with nothing initialised: a rank starts as a freshly
-spawned one would (same environment, no process group, no megatron state, megatron-erc not
-imported, so the CPU platform layer is not applied until the rank applies it) without
-paying those imports (about 4 s of CPU per rank). ``run_each`` runs several rank functions
-in one world, for tests that would otherwise spawn one world per case.
+spawned one would (the caller's environment and directory, no process group, no megatron
+state, megatron-erc not imported, so the CPU platform layer is not applied until the rank
+applies it) without paying those imports (about 4 s of CPU per rank). ``run_each`` runs
+several rank functions in one world, for tests that would otherwise spawn one world per case.
 """
 
 from __future__ import annotations
@@ -46,9 +46,10 @@ def _context():
 
 
 def _worker(fn: Callable, rank: int, world_size: int, store_path: str, args: tuple,
-            kwargs: dict, results: mp.Queue, threads: int, env: dict) -> None:
-    os.environ.clear()  # the caller's environment now, not the fork server's at its start
-    os.environ.update(env)
+            kwargs: dict, results: mp.Queue, threads: int, env: dict, cwd: str) -> None:
+    os.environ.clear()  # the caller's environment and directory now, as a spawned process
+    os.environ.update(env)  # has them, not the fork server's at its start
+    os.chdir(cwd)
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     torch.set_num_threads(threads)
     try:
@@ -101,7 +102,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any,
         procs = [
             ctx.Process(target=_worker, args=(fn, r, world_size, store_path, _pack(args),
                                               _pack(kwargs), results, threads,
-                                              dict(os.environ)), daemon=False)
+                                              dict(os.environ), os.getcwd()), daemon=False)
             for r in range(world_size)
         ]
         for p in procs:
