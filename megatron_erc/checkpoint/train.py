@@ -210,8 +210,12 @@ def _layout(actor) -> dict:
 
 # ---------------------------------------------------------------- save
 def save_checkpoint(root: str | os.PathLike, step: int, actor, extra_state: dict, *,
-                    keep_last: int) -> pathlib.Path:
+                    keep_last: int, parallel: bool = True) -> pathlib.Path:
     """Write ``root/step_{step:08d}`` (collective: every rank calls it).
+
+    ``parallel``: the data-parallel replicas write disjoint shares of the tensors they all
+    hold (megatron's fully parallel save); otherwise the first replica writes them all. The
+    files and their format are the same either way.
 
     ``extra_state`` is this rank's trainer state (data-loader position, sampler RNG, ...):
     dicts, lists, tuples, strings, numbers, None and tensors only (it is read back with
@@ -234,6 +238,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, actor, extra_state: dict
     dist.barrier()
 
     dist_checkpointing.save(_sharded_state_dict(actor, is_loading=False), str(tmp),
+                            sharded_strategy=_save_strategy(parallel),
                             content_metadata={"format": FORMAT, **SHARDING_METADATA})
     if rank == 0:
         trainer_state = {"step": step}
@@ -260,6 +265,24 @@ def save_checkpoint(root: str | os.PathLike, step: int, actor, extra_state: dict
         logger.info("saved %s in %.1f s", final, time.perf_counter() - t0)
     dist.barrier()
     return final
+
+
+def _save_strategy(parallel: bool):
+    """megatron's default torch_dist writer, wrapped so that each data-parallel replica writes
+    a balanced, disjoint share of the replicated tensors (None: the default, where the first
+    replica writes them all)."""
+    from megatron.core import parallel_state as ps
+
+    if not parallel or ps.get_data_parallel_world_size() == 1:
+        return None
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelSaveStrategyWrapper,
+    )
+
+    return FullyParallelSaveStrategyWrapper(
+        get_default_save_sharded_strategy(),
+        ps.get_data_parallel_group(with_context_parallel=True))
 
 
 def _mkdir(path: pathlib.Path) -> pathlib.Path:

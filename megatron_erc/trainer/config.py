@@ -193,6 +193,9 @@ class CheckpointConfig:
     """Complete checkpoints kept."""
     resume: str | None = None
     """``auto`` (newest complete checkpoint in the run directory, if any), a path, or None."""
+    parallel_save: bool = True
+    """Data-parallel replicas write disjoint shares of the tensors they all hold (megatron's
+    fully parallel save); false: the first replica writes them all. Same files either way."""
 
     def __post_init__(self):
         if self.every < 0 or self.keep_last < 1:

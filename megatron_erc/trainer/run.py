@@ -211,7 +211,8 @@ def run_train(cfg: TrainConfig, validate_first: bool = False) -> list[dict]:
         def save(step: int) -> None:
             t0 = time.perf_counter()
             ckpt.save_checkpoint(run_dir / "checkpoints", step, actor,
-                                 {"rng": rng.getstate()}, keep_last=cfg.checkpoint.keep_last)
+                                 {"rng": rng.getstate()}, keep_last=cfg.checkpoint.keep_last,
+                                 parallel=cfg.checkpoint.parallel_save)
             budget.save(time.perf_counter() - t0)
 
         def log_metrics(m: dict) -> None:
