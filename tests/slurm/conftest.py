@@ -39,7 +39,7 @@ def two_nodes(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_task(tmp_path_factory):
     """``demo.prepare``'s prompt files, tokenizer and random-init model."""
-    from megatron_erc.demo import prepare
+    from megatron_erc.cli.demo import prepare
 
     root = tmp_path_factory.mktemp("task")
     prepare(root, seed=0)
