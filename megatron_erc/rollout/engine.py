@@ -204,10 +204,11 @@ class StreamedWeightLoads:
 
     def update_weights(self, named_tensors: NamedTensors) -> None:
         pairs = list(named_tensors)
-        names = [n for n, _ in pairs]
-        if len(set(names)) != len(names):
-            dup = next(n for n in names if names.count(n) > 1)
-            raise ValueError(f"weight update: {dup!r} was sent twice in one update.")
+        seen: set[str] = set()
+        for name, _ in pairs:  # the manifest below is a dict: a repeat would vanish in it
+            if name in seen:
+                raise ValueError(f"weight update: {name!r} was sent twice in one update.")
+            seen.add(name)
         self.load_weights(pairs, {n: tuple(t.shape) for n, t in pairs})
 
     def _require_complete(self) -> None:

@@ -65,13 +65,12 @@ class ShmSender:
         return {"address": self._address, "authkey": self._authkey,
                 "slots": [s.name for s in self._slots]}
 
-    def stream(self, pairs: Iterable[tuple[str, torch.Tensor]], largest: int, workers: int,
+    def stream(self, pairs: Iterable[tuple[str, torch.Tensor]], workers: int,
                rpc: Callable[[dict], object]) -> None:
         """Send ``pairs`` to ``workers`` worker processes; ``rpc(spec)`` is the blocking call
-        that makes every worker run ``receive(spec)`` (run here on a thread). ``largest``:
-        bytes of the largest tensor (a slot must hold it). Raises the workers' error, or the
-        sender's own (the workers are then told to stop)."""
-        self._ensure(max(self.slot_bytes, largest))
+        that makes every worker run ``receive(spec)`` (run here on a thread); a tensor larger
+        than a slot is an error. Raises the workers' error, or the sender's own (the workers
+        are then told to stop)."""
         done: dict = {}
 
         def call() -> None:

@@ -268,7 +268,7 @@ class VLLMEngine(StreamedWeightLoads):
             if self._sender is None:
                 largest = max(math.prod(s) for s in self._expected.values()) * 4  # fp32
                 self._sender = ShmSender(max(bucket_bytes, largest))
-            self._sender.stream(pairs, self._sender.slot_bytes, self._workers, lambda spec:
+            self._sender.stream(pairs, self._workers, lambda spec:
                                 self.llm.collective_rpc("erc_load_from_shm", args=(spec,)))
         # Cached KV blocks of old prompts were computed with the old weights.
         self.llm.reset_prefix_cache()
