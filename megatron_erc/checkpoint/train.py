@@ -6,8 +6,9 @@ A checkpoint is ``root/step_{step:08d}/`` holding:
 * what megatron-core's ``dist_checkpointing`` (torch_dist) writes for
   ``{"model": ..., "optimizer": ...}`` (``model0``, ``model1``, ... with virtual pipeline
   stages). Tensors are keyed by their global (unsharded) names, so a checkpoint written at
-  one TP/PP loads at another. The distributed optimizer is saved in the
-  ``fully_reshardable`` format (the default one rejects our unflattened parameters);
+  one TP/PP loads at another. The distributed optimizer's state is written in the format
+  ``checkpoint.optimizer_format`` names (``optimizer_state``: ``dp_reshardable``, each DP
+  rank its own shard, resumes at any DP size; ``fully_reshardable``, any layout);
 * ``megatron_erc.json`` and ``hf/config.json`` as a converted checkpoint has them
   (``checkpoint.io``), so ``megatron-to-hf`` exports a training checkpoint directly;
 * ``trainer_state.pt``: the step and the actor's LR-scheduler state when it has one;
@@ -18,8 +19,9 @@ A checkpoint is ``root/step_{step:08d}/`` holding:
   file with its size (``checkpoint.steps``: a truncated or missing file is found before
   anything is loaded, and ``resume=auto`` skips such a checkpoint).
 
-Every rank writes into ``root/.step_{step:08d}.tmp-<uuid>``; after a barrier rank 0 writes
-the side files and the marker and renames the directory into place, so a writer killed at
+Every rank writes into ``root/.step_{step:08d}.tmp-<uuid>`` (now, or in a forked writer
+with ``checkpoint.async_save``); once every rank's writer is done rank 0 writes the marker
+and renames the directory into place, so a writer killed at
 any point leaves either the previous set of checkpoints or the new one, never a
 half-written ``step_*`` directory. Files written with ``torch.save`` are read back with
 ``weights_only=True`` only.
@@ -35,15 +37,21 @@ import logging
 import os
 import pathlib
 import pickle
-import random
 import time
 import uuid
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from megatron_erc.checkpoint.io import HF_SUBDIR, publish, write_model_meta, write_synced
+from megatron_erc.checkpoint.optimizer_state import (
+    check_layout_for_format,
+    init_empty_optimizer_state,
+    is_distributed,
+    load_optimizer,
+    sharding_metadata,
+)
+from megatron_erc.checkpoint.rng import rng_state, set_rng_state
 from megatron_erc.checkpoint.steps import (
     COMPLETE_FILE,
     FORMAT,
@@ -58,14 +66,12 @@ from megatron_erc.checkpoint.steps import (
     step_dir,
 )
 from megatron_erc.platform import require_supported_megatron
-from megatron_erc.trainer.actor import torch_optimizers
 
 logger = logging.getLogger(__name__)
 
-# The default distributed-optimizer format raises "flattened_range is not supported";
-# fully_reshardable stores optimizer state in model (global tensor) space like plain Adam.
-SHARDING_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
-                     "chained_optim_avoid_prefix": True}
+FULLY_RESHARDABLE = sharding_metadata("fully_reshardable")
+"""What a checkpoint whose marker names no format was written with (all before the format
+became a setting)."""
 
 
 # ---------------------------------------------------------------- state dicts
@@ -73,124 +79,14 @@ def _model_keys(actor) -> list[str]:
     return ["model"] if len(actor.model) == 1 else [f"model{i}" for i in range(len(actor.model))]
 
 
-def _sharded_state_dict(actor, *, is_loading: bool) -> dict:
+def _sharded_state_dict(actor, *, is_loading: bool, metadata: dict) -> dict:
     state = {key: chunk.module.sharded_state_dict()
              for key, chunk in zip(_model_keys(actor), actor.model, strict=True)}
     if is_loading:
-        _init_empty_optimizer_state(actor.optimizer)
+        init_empty_optimizer_state(actor.optimizer)
     state["optimizer"] = actor.optimizer.sharded_state_dict(
-        state, is_loading=is_loading, metadata=dict(SHARDING_METADATA))
+        state, is_loading=is_loading, metadata=dict(metadata))
     return state
-
-
-def _is_distributed(optimizer) -> bool:
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    inner = getattr(optimizer, "chained_optimizers", [optimizer])
-    return any(isinstance(o, DistributedOptimizer) for o in inner)
-
-
-def _init_empty_optimizer_state(optimizer) -> None:
-    """Give a never-stepped torch Adam its state tensors, ``step`` included.
-
-    megatron-core 0.16.1's distributed optimizer reads ``state["step"]`` of every parameter
-    when building the state dict it loads into, and asserts on an empty state (a freshly
-    built actor). The values are overwritten by the load.
-    """
-    for opt in torch_optimizers(optimizer):
-        for group in opt.param_groups:
-            for p in group["params"]:
-                state = opt.state[p]
-                if not state:
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p,
-                                                           memory_format=torch.preserve_format)
-                state.setdefault("step", torch.tensor(0.0))
-
-
-def _untie_adam_steps(optimizer) -> None:
-    """One ``step`` tensor per parameter after a load.
-
-    megatron-core 0.16.1 restores the distributed optimizer's steps as one tensor shared by
-    every parameter; torch Adam increments it in place once per parameter, which skews the
-    bias correction of every later step. A checkpoint written before the first optimizer
-    step has no step at all (torch Adam then raises ``KeyError: 'step'``): start at 0.
-    """
-    for opt in torch_optimizers(optimizer):
-        for state in opt.state.values():
-            step = state.get("step")
-            state["step"] = (step.detach().clone().float() if torch.is_tensor(step)
-                             else torch.tensor(float(step or 0.0)))
-
-
-def _load_optimizer(optimizer, state_dict) -> None:
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    inner = getattr(optimizer, "chained_optimizers", None)
-    if inner is None:
-        pairs = [(optimizer, state_dict)]
-    elif len(inner) == 1:  # a chain of one saves its member's state dict unwrapped
-        pairs = [(inner[0], state_dict)]
-    else:
-        pairs = [(opt, state_dict[i]) for i, opt in enumerate(inner)]
-    for opt, sd in pairs:
-        if isinstance(opt, DistributedOptimizer):
-            _load_distributed_optimizer(opt, sd)
-        else:
-            opt.load_state_dict(sd)
-    if inner is not None and len(inner) > 1:
-        optimizer._synchronize_steps()
-    _untie_adam_steps(optimizer)
-
-
-def _load_distributed_optimizer(opt, state_dict: dict) -> None:
-    """``DistributedOptimizer.load_state_dict`` in two halves, around a megatron-core 0.16.1
-    bug: it copies every per-parameter state entry from the checkpoint, ``step`` included,
-    which the fully_reshardable format does not store per parameter (``KeyError: 'step'``).
-    """
-    sharding = state_dict.get("param_state_sharding_type")
-    if sharding != "fully_reshardable":
-        raise CheckpointError(f"distributed-optimizer state in format {sharding!r}; only "
-                              "'fully_reshardable' checkpoints can be resumed")
-    # param groups (lr, Adam step) and grad scaler; allocates the state tensors
-    opt.load_state_dict({k: v for k, v in state_dict.items()
-                         if k not in ("param_state", "param_state_sharding_type")})
-    steps = {p: s.pop("step") for p, s in opt.optimizer.state.items() if "step" in s}
-    try:
-        opt.load_parameter_state_from_fully_reshardable(state_dict["param_state"])
-    finally:
-        for p, step in steps.items():
-            opt.optimizer.state[p]["step"] = step
-
-
-def _rng_state() -> dict:
-    from megatron.core import tensor_parallel
-
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
-                  "has_gauss": has_gauss, "cached_gaussian": cached},
-        "torch": torch.get_rng_state(),
-        "tracker": {k: v.clone() for k, v in
-                    tensor_parallel.get_cuda_rng_tracker().get_states().items()},
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    from megatron.core import tensor_parallel
-
-    random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],
-                         n["has_gauss"], n["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _coords() -> list[int]:
@@ -210,12 +106,20 @@ def _layout(actor) -> dict:
 
 # ---------------------------------------------------------------- save
 def save_checkpoint(root: str | os.PathLike, step: int, actor, extra_state: dict, *,
-                    keep_last: int, parallel: bool = True) -> pathlib.Path:
+                    keep_last: int, parallel: bool = True,
+                    optimizer_format: str = "dp_reshardable",
+                    async_queue=None) -> pathlib.Path:
     """Write ``root/step_{step:08d}`` (collective: every rank calls it).
 
     ``parallel``: the data-parallel replicas write disjoint shares of the tensors they all
-    hold (megatron's fully parallel save); otherwise the first replica writes them all. The
-    files and their format are the same either way.
+    hold (megatron's fully parallel save); otherwise the first replica writes them all.
+    ``optimizer_format``: the distributed optimizer's format (``optimizer_state``).
+
+    ``async_queue``: a megatron ``AsyncCallsQueue``: the tensors are written by a forked
+    process (a copy-on-write snapshot of this moment) while training goes on, and the
+    checkpoint is published by ``async_queue.maybe_finalize_async_calls`` once every rank's
+    writer is done (``async_save.AsyncSaver`` drives it). Until then it is a temporary
+    directory that ``resume=auto`` ignores. None: written before this returns.
 
     ``extra_state`` is this rank's trainer state (data-loader position, sampler RNG, ...):
     dicts, lists, tuples, strings, numbers, None and tensors only (it is read back with
@@ -227,6 +131,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, actor, extra_state: dict
     require_supported_megatron("checkpoint saving (megatron's optimizer internals)")
     if keep_last < 0:
         raise ValueError(f"keep_last must be >= 0 (0 keeps every checkpoint), got {keep_last}")
+    metadata = sharding_metadata(optimizer_format)
     root, rank = pathlib.Path(root), dist.get_rank()
     final = step_dir(root, step)
     name = [f".{final.name}.tmp-{uuid.uuid4().hex}" if rank == 0 else None]
@@ -237,33 +142,43 @@ def save_checkpoint(root: str | os.PathLike, step: int, actor, extra_state: dict
         tmp.mkdir(parents=True)
     dist.barrier()
 
-    dist_checkpointing.save(_sharded_state_dict(actor, is_loading=False), str(tmp),
-                            sharded_strategy=_save_strategy(parallel),
-                            content_metadata={"format": FORMAT, **SHARDING_METADATA})
+    request = dist_checkpointing.save(
+        _sharded_state_dict(actor, is_loading=False, metadata=metadata), str(tmp),
+        sharded_strategy=_save_strategy(parallel),
+        content_metadata={"format": FORMAT, **metadata},
+        async_sharded_save=async_queue is not None)
     if rank == 0:
         trainer_state = {"step": step}
         scheduler = getattr(actor, "lr_scheduler", None)
         if scheduler is not None:
             trainer_state["lr_scheduler"] = scheduler.state_dict()
         _save_checked(trainer_state, tmp / TRAINER_STATE_FILE)
-    (tmp / RANKS_SUBDIR).mkdir(exist_ok=True)
-    _save_checked({"extra_state": dict(extra_state), "rng": _rng_state()},
-                  tmp / RANKS_SUBDIR / f"rank_{rank:05d}.pt")
-    coords = [None] * dist.get_world_size()
-    dist.all_gather_object(coords, _coords())  # also: every rank's files are on disk
-
-    if rank == 0:
         write_model_meta(tmp, actor.parallel, actor.hf_config.vocab_size, f"training step {step}")
         actor.hf_config.to_json_file(str(_mkdir(tmp / HF_SUBDIR) / "config.json"))
-        marker = {"format": FORMAT, "step": step, "time": time.time(),
-                  "distributed_optimizer": _is_distributed(actor.optimizer),
-                  "sharding_metadata": SHARDING_METADATA, **_layout(actor),
-                  "rank_coords": coords, "files": manifest(tmp)}
-        write_synced(tmp / COMPLETE_FILE, json.dumps(marker, indent=2))
-        publish(tmp, final)
-        prune(root, keep_last, final)
-        logger.info("saved %s in %.1f s", final, time.perf_counter() - t0)
-    dist.barrier()
+    (tmp / RANKS_SUBDIR).mkdir(exist_ok=True)
+    _save_checked({"extra_state": dict(extra_state), "rng": rng_state()},
+                  tmp / RANKS_SUBDIR / f"rank_{rank:05d}.pt")
+    marker = {"format": FORMAT, "step": step,
+              "distributed_optimizer": is_distributed(actor.optimizer),
+              "sharding_metadata": metadata, **_layout(actor)}
+
+    def publish_when_written() -> None:  # every rank, once every rank's tensors are on disk
+        coords = [None] * dist.get_world_size()
+        dist.all_gather_object(coords, _coords())  # also: every rank's files are on disk
+        if rank == 0:
+            complete = {**marker, "time": time.time(), "rank_coords": coords,
+                        "files": manifest(tmp)}
+            write_synced(tmp / COMPLETE_FILE, json.dumps(complete, indent=2))
+            publish(tmp, final)
+            prune(root, keep_last, final)
+            logger.info("saved %s in %.1f s", final, time.perf_counter() - t0)
+        dist.barrier()
+
+    if async_queue is None:
+        publish_when_written()
+    else:
+        request.add_finalize_fn(publish_when_written)
+        async_queue.schedule_async_request(request)
     return final
 
 
@@ -335,17 +250,19 @@ def load_checkpoint(path_or_auto: str | os.PathLike, root: str | os.PathLike | N
     else:
         path = check_resumable(path_or_auto)  # every rank sees the same files
     marker = read_marker(path)
-    if marker["distributed_optimizer"] != _is_distributed(actor.optimizer):
+    if marker["distributed_optimizer"] != is_distributed(actor.optimizer):
         raise CheckpointError(
             f"{path} was written with optim.use_distributed_optimizer="
             f"{marker['distributed_optimizer']}; resume with the same setting")
 
+    check_layout_for_format(marker, _layout(actor), is_distributed(actor.optimizer), path)
     trainer_state = _load_file(path / TRAINER_STATE_FILE)
-    state = _sharded_state_dict(actor, is_loading=True)
+    state = _sharded_state_dict(actor, is_loading=True,
+                                metadata=marker.get("sharding_metadata", FULLY_RESHARDABLE))
     loaded = dist_checkpointing.load(state, str(path))
     for key, chunk in zip(_model_keys(actor), actor.model, strict=True):
         chunk.module.load_state_dict(loaded[key])
-    _load_optimizer(actor.optimizer, loaded["optimizer"])
+    load_optimizer(actor.optimizer, loaded["optimizer"])
 
     scheduler = getattr(actor, "lr_scheduler", None)
     if scheduler is not None:
@@ -357,7 +274,7 @@ def load_checkpoint(path_or_auto: str | os.PathLike, root: str | os.PathLike | N
     source = rank if same_layout else _matching_rank(marker, actor)
     rank_state = _load_file(path / RANKS_SUBDIR / f"rank_{source:05d}.pt", rank_local=True)
     if same_layout:
-        _set_rng_state(rank_state["rng"])
+        set_rng_state(rank_state["rng"])
     elif rank == 0:
         logger.warning("%s was written at %s, now %s: RNG states are not restored; "
                        "extra_state comes from the saved rank of the same data-parallel rank "

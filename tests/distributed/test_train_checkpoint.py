@@ -110,24 +110,30 @@ def _draw_rng() -> list[float]:
 
 
 def _run_and_save(root: pathlib.Path, tp: int, distributed: bool, extra: dict, *,
-                  warmup: int = 0, dtype: str = "float32", init_parallel: bool = True) -> dict:
+                  warmup: int = 0, dtype: str = "float32", init_parallel: bool = True,
+                  optimizer_format: str = "dp_reshardable", async_save: bool = False) -> dict:
     """Steps 1-2, save, step 3; returns the uninterrupted run's loss/params at 2 and 3.
-    ``extra`` gets this rank's DP rank added (extra_state is per rank)."""
+    ``extra`` gets this rank's DP rank added (extra_state is per rank). ``async_save``: step 3
+    runs while the save is being written; it is published after step 3."""
     from megatron.core import parallel_state as ps
 
-    from megatron_erc.checkpoint.train import save_checkpoint
+    from megatron_erc.checkpoint.async_save import CheckpointSaver
+    from megatron_erc.checkpoint.steps import step_dir
 
     actor = _build_actor(tp, distributed, seed=1, warmup=warmup, dtype=dtype,
                          init_parallel=init_parallel)
     _step(actor, 1)
     _step(actor, 2)
     p2 = _params(actor)
-    save_checkpoint(root, 2, actor, {**extra, "dp_rank": ps.get_data_parallel_rank()},
-                    keep_last=2)
+    saver = CheckpointSaver(root, actor, keep_last=2, parallel=True,
+                            optimizer_format=optimizer_format, async_save=async_save)
+    saver.save(2, {**extra, "dp_rank": ps.get_data_parallel_rank()})
+    published_at_once = step_dir(root, 2).exists()
     rng, lr3 = _draw_rng(), actor.lr()
     loss3 = _step(actor, 3)
+    saver.finish()
     return {"actor": actor, "p2": p2, "rng": rng, "lr3": lr3, "loss3": loss3,
-            "p3": _params(actor)}
+            "p3": _params(actor), "published_at_once": published_at_once}
 
 
 def _resume(root, tp: int, distributed: bool, *, init_parallel: bool, pp: int = 1,
@@ -153,7 +159,7 @@ def two_rank_cases(rank: int, world: int, root: str) -> dict:
     from megatron.core import parallel_state as ps
 
     from megatron_erc import platform
-    from megatron_erc.checkpoint.steps import list_complete
+    from megatron_erc.checkpoint.steps import CheckpointError, list_complete
     from megatron_erc.checkpoint.train import save_checkpoint
 
     platform.setup()
@@ -177,6 +183,21 @@ def two_rank_cases(rank: int, world: int, root: str) -> dict:
     # TP=1 x DP=2, distributed optimizer
     out["dist"] = _public(_run_and_save(root / "dist", 1, True, {"data_pos": 8}))
     out["dist_resumed_dp2"] = _resume(root / "dist", 1, True, init_parallel=False)
+    # the same written asynchronously: step 3 trains while a forked writer writes step 2
+    out["async"] = _public(_run_and_save(root / "async", 1, True, {"data_pos": 8},
+                                         init_parallel=False, async_save=True))
+    out["async_resumed_dp2"] = _resume(root / "async", 1, True, init_parallel=False)
+    # the fully reshardable distributed-optimizer format resumes at another TP; the default
+    # (dp_reshardable) refuses, saying how to get there
+    _run_and_save(root / "dist_full", 1, True, {"data_pos": 8}, init_parallel=False,
+                  optimizer_format="fully_reshardable")
+    ps.destroy_model_parallel()
+    out["dist_full_resumed_tp2"] = _resume(root / "dist_full", 2, True, init_parallel=True)
+    try:
+        _resume(root / "dist", 2, True, init_parallel=False)
+        out["dp_reshardable_at_tp2"] = None
+    except CheckpointError as e:
+        out["dp_reshardable_at_tp2"] = str(e)
     return out
 
 
@@ -310,11 +331,13 @@ def _update_err(got: dict, want: dict) -> tuple[float, str]:
     ("tp2_resumed_tp2", "tp2", 0.0, 0.0),
     ("tp1_resumed_tp1", "tp1", 0.0, 0.0),
     ("dist_resumed_dp2", "dist", 0.0, 0.0),
+    ("async_resumed_dp2", "async", 0.0, 0.0),
     ("bf16_resumed_bf16", "bf16", 0.0, 0.0),
     # other layouts reduce in another order: ~1e-7 on the loss, Adam amplifies it a little
     ("tp2_resumed_tp1", "tp2", 1e-5, 1e-3),
     ("tp2_resumed_pp2", "tp2", 1e-5, 1e-3),
     ("dist_resumed_dp1", "dist", 1e-5, 1e-3),
+    ("dist_full_resumed_tp2", "dist", 1e-5, 1e-3),
 ])
 def test_resumed_step_matches_uninterrupted(case, reference, loss_tol, param_tol):
     r = results()
@@ -330,6 +353,22 @@ def test_resumed_step_matches_uninterrupted(case, reference, loss_tol, param_tol
     assert got["lr3"] == want["lr3"]
     if loss_tol == 0.0:  # same rank layout: RNG streams continue where they were saved
         assert got["rng"] == want["rng"]
+
+
+def test_async_save_is_a_snapshot_published_when_written():
+    """Step 3 changed every tensor while step 2 was being written: the resumed step-2
+    weights (checked above, exactly) are the snapshot, and the checkpoint appeared only
+    after the writers finished; the uninterrupted runs agree with the synchronous save."""
+    two = results()["two"][0]
+    assert two["async"]["published_at_once"] is False
+    assert two["dist"]["published_at_once"] is True
+    assert two["async"]["loss3"] == two["dist"]["loss3"]
+
+
+def test_dp_reshardable_optimizer_refuses_another_tp_with_the_way_out():
+    msg = results()["two"][0]["dp_reshardable_at_tp2"]
+    assert msg is not None, "a dp_reshardable checkpoint resumed at TP=2"
+    assert "tp=1" in msg and "tp=2" in msg and "optimizer_format=fully_reshardable" in msg
 
 
 def test_lr_scheduler_state_is_restored():
