@@ -15,6 +15,7 @@ import dataclasses
 from typing import Literal
 
 from megatron_erc.algorithms import OverlongConfig, PolicyLossConfig
+from megatron_erc.checkpoint.optimizer_state import OPTIMIZER_FORMATS
 from megatron_erc.data.prompts import PromptDataConfig
 from megatron_erc.models import ParallelConfig
 from megatron_erc.trainer.actor import OptimConfig
@@ -196,10 +197,24 @@ class CheckpointConfig:
     parallel_save: bool = True
     """Data-parallel replicas write disjoint shares of the tensors they all hold (megatron's
     fully parallel save); false: the first replica writes them all. Same files either way."""
+    optimizer_format: str = "dp_reshardable"
+    """The distributed optimizer's state on disk (``optim.use_distributed_optimizer``; a plain
+    optimizer is always reshardable). ``dp_reshardable``: each DP rank writes the shard it
+    owns, no gather; resumes at any DP size, same TP/PP/VPP. ``fully_reshardable``: every
+    rank first gathers its model-parallel shard's whole optimizer state to host memory;
+    resumes at any layout: set it for the last save before a TP/PP change."""
+    async_save: bool = False
+    """Write checkpoints in a forked process while training goes on (a copy-on-write snapshot;
+    on GPU the tensors are first copied to host memory); each is published at a later step
+    boundary once every rank's writer is done, the last one before the run returns."""
 
     def __post_init__(self):
         if self.every < 0 or self.keep_last < 1:
             raise ValueError("checkpoint.every must be >= 0 and checkpoint.keep_last >= 1")
+        if self.optimizer_format not in OPTIMIZER_FORMATS:
+            raise ValueError(f"checkpoint.optimizer_format must be one of {OPTIMIZER_FORMATS} "
+                             f"(dp_reshardable: fast, same TP/PP on resume; fully_reshardable: "
+                             f"any layout), got {self.optimizer_format!r}")
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -16,7 +16,6 @@ import logging
 import os
 import random
 import signal
-import time
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ import torch.distributed as dist
 
 from megatron_erc import platform
 from megatron_erc.checkpoint import train as ckpt
+from megatron_erc.checkpoint.async_save import CheckpointSaver
 from megatron_erc.checkpoint.hf import SafetensorsReader
 from megatron_erc.config import to_dict
 from megatron_erc.errors import UserError
@@ -208,14 +208,17 @@ def run_train(cfg: TrainConfig, validate_first: bool = False) -> list[dict]:
 
         budget = StopBudget(run_dir, enabled=rank0)  # step + save vs the stop's lead time
 
-        def save(step: int) -> None:
-            t0 = time.perf_counter()
-            ckpt.save_checkpoint(run_dir / "checkpoints", step, actor,
-                                 {"rng": rng.getstate()}, keep_last=cfg.checkpoint.keep_last,
-                                 parallel=cfg.checkpoint.parallel_save)
-            budget.save(time.perf_counter() - t0)
+        c = cfg.checkpoint
+        saver = CheckpointSaver(run_dir / "checkpoints", actor, keep_last=c.keep_last,
+                                parallel=c.parallel_save, optimizer_format=c.optimizer_format,
+                                async_save=c.async_save)
+        cleanup.callback(saver.abort)  # unwinding an error: no save in flight is published
+
+        def save(step: int) -> None:  # async_save: published at a later step boundary
+            budget.save(saver.save(step, {"rng": rng.getstate()}))
 
         def log_metrics(m: dict) -> None:
+            saver.poll()  # every rank, once per step: publish a save whose writers are done
             writer.log(m)
             progress(m)
             budget.step(m.get("time/step", 0.0))
@@ -248,6 +251,7 @@ def run_train(cfg: TrainConfig, validate_first: bool = False) -> list[dict]:
         if history and not (cfg.checkpoint.every and history[-1]["step"] % cfg.checkpoint.every
                             == 0) and not stop["flag"]:
             save(history[-1]["step"])  # at exit
+        saver.finish()  # the last save is on disk and published before the run returns
     return history
 
 
