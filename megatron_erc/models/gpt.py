@@ -1,7 +1,8 @@
-"""Build megatron-core ``GPTModel`` s from Hugging Face Llama / Qwen2 configs.
+"""Build megatron-core ``GPTModel`` s from Hugging Face Llama / Qwen2 / Qwen3 configs.
 
 The mapping covers what these families need: RMSNorm, SwiGLU, RoPE with the config's
-theta, grouped-query attention, Qwen2's qkv bias, tied or untied embeddings, and a
+theta, grouped-query attention, Qwen2's qkv bias, Qwen3's per-head q/k RMSNorm
+(``qk_layernorm``) and explicit ``head_dim`` (``kv_channels``), tied or untied embeddings, and a
 vocabulary padded to a multiple of ``pad_multiple * tp`` (megatron shards the embedding and
 output layer evenly; the padding rows are masked out of every probability downstream).
 Transformer Engine's layer spec is used when TE is importable, the local spec otherwise.
@@ -18,7 +19,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-from megatron_erc.models.support import check_supported, hf_field, rope_theta
+from megatron_erc.models.support import (
+    check_supported,
+    has_qk_norm,
+    has_qkv_bias,
+    head_dim,
+    hf_field,
+    rope_theta,
+)
 from megatron_erc.platform import adapt_parallel_config, adapt_transformer_kwargs, detect
 
 RECOMPUTE_CHOICES = ("none", "selective", "full")
@@ -115,7 +123,7 @@ def padded_vocab_size(vocab_size: int, tp: int, multiple: int) -> int:
 
 def transformer_config_from_hf(hf_config, parallel: ParallelConfig, *, platform=None,
                                **overrides):
-    """A megatron ``TransformerConfig`` equivalent to an HF Llama/Qwen2 config.
+    """A megatron ``TransformerConfig`` equivalent to an HF Llama/Qwen2/Qwen3 config.
 
     ``overrides`` are further ``TransformerConfig`` arguments; the platform (the detected one
     by default) then has the last word on what it cannot run (see
@@ -125,7 +133,6 @@ def transformer_config_from_hf(hf_config, parallel: ParallelConfig, *, platform=
     check_supported(hf_config)  # model type, RoPE, MLP and attention biases
     heads = hf_config.num_attention_heads
     groups = hf_field(hf_config, "num_key_value_heads", heads)
-    head_dim = hf_field(hf_config, "head_dim", hf_config.hidden_size // heads)
     if groups % parallel.tp or heads % parallel.tp:
         raise ValueError(f"tp={parallel.tp} must divide the attention heads ({heads}) and the "
                          f"key/value heads ({groups}); choose a tp that divides both")
@@ -133,7 +140,6 @@ def transformer_config_from_hf(hf_config, parallel: ParallelConfig, *, platform=
     stages = parallel.pp * (parallel.vpp or 1)
     if layers % stages:
         raise ValueError(f"{layers} layers cannot be split evenly into pp*vpp={stages} stages")
-    qkv_bias = hf_config.model_type == "qwen2"
     platform = platform or detect()
     dtype = getattr(torch, parallel.params_dtype)
     kwargs = dict(
@@ -142,13 +148,14 @@ def transformer_config_from_hf(hf_config, parallel: ParallelConfig, *, platform=
         ffn_hidden_size=hf_config.intermediate_size,
         num_attention_heads=heads,
         num_query_groups=groups,
-        kv_channels=head_dim,
+        kv_channels=head_dim(hf_config),
         normalization="RMSNorm",
         layernorm_epsilon=float(hf_config.rms_norm_eps),
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=qkv_bias,
+        add_qkv_bias=has_qkv_bias(hf_config),
+        qk_layernorm=has_qk_norm(hf_config),
         hidden_dropout=0.0,
         attention_dropout=0.0,
         params_dtype=dtype,
@@ -167,7 +174,8 @@ def transformer_config_from_hf(hf_config, parallel: ParallelConfig, *, platform=
 
 def layer_spec(config):
     """Transformer Engine's layer spec when TE is importable, megatron's local spec otherwise
-    (with ``CausalGroupedAttention`` as its core attention)."""
+    (with ``CausalGroupedAttention`` as its core attention); q/k norms per
+    ``config.qk_layernorm``."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     try:
@@ -175,10 +183,12 @@ def layer_spec(config):
     except ImportError:
         from megatron_erc.models.causal_attention import CausalGroupedAttention
 
-        spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm",
+                                                        qk_layernorm=config.qk_layernorm)
         spec.submodules.self_attention.submodules.core_attention = CausalGroupedAttention
         return spec
-    return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+        qk_layernorm=config.qk_layernorm)
 
 
 def build_gpt_model(hf_config, parallel: ParallelConfig, *, pre_process: bool = True,

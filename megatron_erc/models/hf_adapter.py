@@ -1,4 +1,4 @@
-"""The one HF <-> Megatron weight adapter for Llama / Qwen2 checkpoints.
+"""The one HF <-> Megatron weight adapter for Llama / Qwen2 / Qwen3 checkpoints.
 
 Names and layouts, per layer ``i`` (HF ``model.layers.{i}.`` -> megatron ``decoder.layers.{i}.``):
 
@@ -9,6 +9,7 @@ HF                                                    megatron full layout
 ``input_layernorm.weight``                            ``input_layernorm.weight``
 ``self_attn.{q,k,v}_proj.weight`` (+ ``.bias``)       ``self_attention.linear_qkv.weight`` (+ bias)
 ``self_attn.o_proj.weight``                           ``self_attention.linear_proj.weight``
+``self_attn.{q,k}_norm.weight`` ``[d]`` (Qwen3)        ``self_attention.{q,k}_layernorm.weight``
 ``post_attention_layernorm.weight``                   ``pre_mlp_layernorm.weight``
 ``mlp.{gate,up}_proj.weight``                         ``mlp.linear_fc1.weight`` = ``[gate; up]``
 ``mlp.down_proj.weight``                              ``mlp.linear_fc2.weight``
@@ -38,7 +39,13 @@ import torch
 import torch.distributed as dist
 
 from megatron_erc.models.sharding import global_names, tp_slice
-from megatron_erc.models.support import check_supported, hf_field
+from megatron_erc.models.support import (
+    check_supported,
+    has_qk_norm,
+    has_qkv_bias,
+    head_dim,
+    hf_field,
+)
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _HF_LAYER = "model.layers.{}."
@@ -49,6 +56,8 @@ _LAYER_MAP = {
     "self_attention.linear_qkv.weight": tuple(f"self_attn.{p}_proj.weight" for p in "qkv"),
     "self_attention.linear_qkv.bias": tuple(f"self_attn.{p}_proj.bias" for p in "qkv"),
     "self_attention.linear_proj.weight": ("self_attn.o_proj.weight",),
+    "self_attention.q_layernorm.weight": ("self_attn.q_norm.weight",),
+    "self_attention.k_layernorm.weight": ("self_attn.k_norm.weight",),
     "pre_mlp_layernorm.weight": ("post_attention_layernorm.weight",),
     "mlp.linear_fc1.layer_norm_weight": ("post_attention_layernorm.weight",),
     "mlp.linear_fc1.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
@@ -72,7 +81,7 @@ def is_ignored_hf_name(name: str) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class HFLayout:
-    """The dimensions of an HF Llama/Qwen2 model that fix every tensor's shape."""
+    """The dimensions of an HF Llama/Qwen2/Qwen3 model that fix every tensor's shape."""
 
     vocab: int
     hidden: int
@@ -83,6 +92,7 @@ class HFLayout:
     head_dim: int
     qkv_bias: bool
     tied: bool
+    qk_norm: bool = False
 
     @classmethod
     def from_config(cls, hf_config) -> HFLayout:
@@ -91,9 +101,9 @@ class HFLayout:
         return cls(vocab=hf_config.vocab_size, hidden=hf_config.hidden_size,
                    ffn=hf_config.intermediate_size, layers=hf_config.num_hidden_layers,
                    heads=heads, groups=hf_field(hf_config, "num_key_value_heads", heads),
-                   head_dim=hf_field(hf_config, "head_dim", hf_config.hidden_size // heads),
-                   qkv_bias=hf_config.model_type == "qwen2",
-                   tied=bool(hf_field(hf_config, "tie_word_embeddings", False)))
+                   head_dim=head_dim(hf_config), qkv_bias=has_qkv_bias(hf_config),
+                   tied=bool(hf_field(hf_config, "tie_word_embeddings", False)),
+                   qk_norm=has_qk_norm(hf_config))
 
     def hf_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every HF tensor the model has, with its shape, in HF's order."""
@@ -109,6 +119,9 @@ class HFLayout:
                 shapes[p + "self_attn.k_proj.bias"] = (kv,)
                 shapes[p + "self_attn.v_proj.bias"] = (kv,)
             shapes[p + "self_attn.o_proj.weight"] = (h, q)
+            if self.qk_norm:
+                shapes[p + "self_attn.q_norm.weight"] = (self.head_dim,)
+                shapes[p + "self_attn.k_norm.weight"] = (self.head_dim,)
             shapes[p + "mlp.gate_proj.weight"] = (self.ffn, h)
             shapes[p + "mlp.up_proj.weight"] = (self.ffn, h)
             shapes[p + "mlp.down_proj.weight"] = (h, self.ffn)
@@ -124,6 +137,8 @@ class HFLayout:
         per_layer = ["input_layernorm.weight", "self_attention.linear_proj.weight",
                      "self_attention.linear_qkv.weight"]
         per_layer += ["self_attention.linear_qkv.bias"] if self.qkv_bias else []
+        per_layer += (["self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight"]
+                      if self.qk_norm else [])
         per_layer += ["pre_mlp_layernorm.weight", "mlp.linear_fc1.weight",
                       "mlp.linear_fc2.weight"]
         names = ["embedding.word_embeddings.weight"]

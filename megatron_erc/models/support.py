@@ -1,10 +1,14 @@
 """Which Hugging Face models megatron-erc maps, decided in one place.
 
-Llama and Qwen2 as their HF modules compute them: the default RoPE, a SiLU gated MLP without
-bias, no Llama attention bias (HF then biases ``o_proj`` too, which megatron's
-``add_qkv_bias`` does not cover) and no sliding window. The Megatron model builder, the
-HF <-> Megatron weight adapter, the embedded engine's lean decode loop and the checks at
-start all ask :func:`unsupported`, which reads an HF config object or a parsed config.json.
+Llama, Qwen2 and Qwen3 (dense) as their HF modules compute them: the default RoPE, a SiLU
+gated MLP without bias, no Llama/Qwen3 attention bias (HF then biases ``o_proj`` too,
+which megatron's ``add_qkv_bias`` does not cover) and no sliding window. Qwen3 adds a
+per-head RMSNorm of queries and keys before RoPE (megatron's ``qk_layernorm``) and an
+explicit ``head_dim`` that need not be ``hidden_size / heads`` (``kv_channels``).
+
+The Megatron model builder, the HF <-> Megatron weight adapter, the embedded engine's lean
+decode loop (Llama/Qwen2 only) and the checks at start all ask :func:`unsupported`, which
+reads an HF config object or a parsed config.json.
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+_QK_NORM_TYPES = ("qwen3",)
 
 
 class UnsupportedModelError(ValueError):
@@ -24,6 +29,23 @@ def hf_field(config, name: str, default: Any = None) -> Any:
     absent or None."""
     value = config.get(name) if isinstance(config, Mapping) else getattr(config, name, None)
     return default if value is None else value
+
+
+def has_qkv_bias(config) -> bool:
+    """Whether q/k/v projections carry a bias (Qwen2 always; the others never, as mapped)."""
+    return hf_field(config, "model_type") == "qwen2"
+
+
+def has_qk_norm(config) -> bool:
+    """Whether queries and keys are RMS-normalised per head before RoPE (Qwen3)."""
+    return hf_field(config, "model_type") in _QK_NORM_TYPES
+
+
+def head_dim(config) -> int:
+    """The attention head size: the config's ``head_dim`` (Qwen3 sets it apart from the
+    hidden size), else ``hidden_size / num_attention_heads``."""
+    return int(hf_field(config, "head_dim",
+                        hf_field(config, "hidden_size") // hf_field(config, "num_attention_heads")))
 
 
 def rope_type(config) -> str:
@@ -62,8 +84,8 @@ def unsupported(config) -> str | None:
         return f"hidden_act {act!r} is not supported; the mapped MLP is SwiGLU (silu)"
     if hf_field(config, "mlp_bias", False):
         return "mlp_bias=True is not supported (the mapped MLP has no bias)"
-    if model_type == "llama" and hf_field(config, "attention_bias", False):
-        return "Llama attention_bias=True (biased o_proj) is not supported"
+    if model_type != "qwen2" and hf_field(config, "attention_bias", False):
+        return f"{model_type} attention_bias=True (biased o_proj) is not supported"
     if hf_field(config, "use_sliding_window", False):
         return "use_sliding_window=True is not supported (attention is over the whole sequence)"
     return None

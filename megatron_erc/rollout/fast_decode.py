@@ -23,12 +23,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from megatron_erc.models.support import rope_theta, unsupported
+from megatron_erc.models.support import has_qk_norm, rope_theta, unsupported
 
 
 def supports(config) -> bool:
-    """True for plain Llama/Qwen2 configs (default RoPE, SiLU MLP, no sliding window)."""
-    return unsupported(config) is None
+    """True for plain Llama/Qwen2 configs (default RoPE, SiLU MLP, no sliding window).
+    Qwen3's per-head q/k norms are not in this loop: Qwen3 decodes through the HF model."""
+    return unsupported(config) is None and not has_qk_norm(config)
 
 
 class FusedWeights:

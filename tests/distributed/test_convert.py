@@ -2,8 +2,9 @@
 
 Tiny random HF models are built in every rank from a seed (no downloads). One spawn of two
 ranks covers TP=1 (two data-parallel replicas), TP=2 and PP=2 for Qwen2, tied and untied
-Llama: HF weights are loaded with ``load_hf_weights``, logits compared with transformers'
-(eager attention, fp32), and ``iter_hf_weights`` must give back every HF tensor bit-exactly.
+Llama and Qwen3 (q/k norms, head_dim apart from hidden/heads): HF weights are loaded with
+``load_hf_weights``, logits compared with transformers' (eager attention, fp32), and
+``iter_hf_weights`` must give back every HF tensor bit-exactly.
 The CLI is exercised through a TP=2 checkpoint exported to an HF directory.
 """
 
@@ -29,10 +30,20 @@ BATCH, SEQ = 2, 16
 
 def make_hf_model(kind: str, seed: int = 0):
     """A random tiny HF model; every tensor perturbed so norms and biases are not constant."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
     torch.manual_seed(seed)
-    if kind == "qwen2":
+    if kind == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**TINY, head_dim=48, tie_word_embeddings=True,
+                                             attn_implementation="eager"))
+    elif kind == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**TINY, tie_word_embeddings=False,
                                              attn_implementation="eager"))
     else:
@@ -122,7 +133,7 @@ def adapter_cases(rank: int, world: int, cases: list[tuple[str, int, int]]) -> d
     return results
 
 
-CASES = [(kind, tp, pp) for kind in ("qwen2", "llama_tied", "llama_untied")
+CASES = [(kind, tp, pp) for kind in ("qwen2", "llama_tied", "llama_untied", "qwen3")
          for tp, pp in ((1, 1), (2, 1), (1, 2))]
 
 
@@ -158,8 +169,9 @@ def _cli(*argv: str) -> int:
     return main(list(argv))
 
 
-@pytest.fixture(scope="module", params=[("qwen2", "--tp", "2"), ("llama_tied", "--pp", "2")],
-                ids=["qwen2-tp2", "llama_tied-pp2"])
+@pytest.fixture(scope="module", params=[("qwen2", "--tp", "2"), ("llama_tied", "--pp", "2"),
+                                        ("qwen3", "--tp", "2")],
+                ids=["qwen2-tp2", "llama_tied-pp2", "qwen3-tp2"])
 def cli_round_trip(request, tmp_path_factory):
     """HF dir -> megatron checkpoint (TP=2 or PP=2) -> HF dir, through the CLI."""
     kind, *layout = request.param

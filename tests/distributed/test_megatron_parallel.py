@@ -23,7 +23,9 @@ TIED_LLAMA = dict(TINY, model_type="llama", tie_word_embeddings=True)
 TIED_LLAMA.pop("rope_theta")
 # TP=4 needs 4 key/value heads (the tiny config has 2, for vLLM's CPU head_dim of 32).
 TINY_8H = dict(TINY, num_attention_heads=8, num_key_value_heads=4)
-MODELS = {"qwen2": TINY, "llama_tied": TIED_LLAMA, "qwen2_8h": TINY_8H}
+# Qwen3: per-head q/k norms, replicated over TP, whose grads finalize_model_grads sums.
+QWEN3 = dict(TINY, model_type="qwen3", head_dim=48)
+MODELS = {"qwen2": TINY, "llama_tied": TIED_LLAMA, "qwen2_8h": TINY_8H, "qwen3": QWEN3}
 
 
 # One world per world size, not per case: the references run in one world of 1, the cases
@@ -62,6 +64,7 @@ CASES = [  # (id, world, par, model)
     ("tp2", 2, {"tp": 2}, "qwen2"),
     ("tp4", 4, {"tp": 4}, "qwen2_8h"),
     ("tp2-sp", 2, {"tp": 2, "sp": True}, "qwen2"),
+    ("tp2-sp-qwen3", 2, {"tp": 2, "sp": True}, "qwen3"),
     ("pp2", 2, {"pp": 2}, "qwen2"),
     ("pp2-tied", 2, {"pp": 2}, "llama_tied"),
     ("pp2-vpp2", 2, {"pp": 2, "vpp": 2}, "qwen2"),

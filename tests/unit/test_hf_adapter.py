@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from megatron_erc.models.hf_adapter import HFLayout, to_hf, to_megatron
+from megatron_erc.models.support import head_dim
 
 SMALL = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -17,15 +18,24 @@ SMALL = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_lay
 
 
 def hf_model(kind: str):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
     torch.manual_seed(0)
+    if kind == "qwen3":  # head_dim 16, not hidden/heads = 8: kv_channels is explicit
+        return Qwen3ForCausalLM(Qwen3Config(**SMALL, head_dim=16, tie_word_embeddings=True))
     if kind == "qwen2":
         return Qwen2ForCausalLM(Qwen2Config(**SMALL, tie_word_embeddings=False))
     return LlamaForCausalLM(LlamaConfig(**SMALL, tie_word_embeddings=kind == "llama_tied"))
 
 
-@pytest.fixture(scope="module", params=["qwen2", "llama_tied", "llama_untied"])
+@pytest.fixture(scope="module", params=["qwen2", "llama_tied", "llama_untied", "qwen3"])
 def model(request):
     m = hf_model(request.param)
     with torch.no_grad():  # norms and biases are constant at init: make every tensor distinct
@@ -46,6 +56,8 @@ def test_round_trip_is_bit_exact(model):
     assert ("output_layer.weight" in full) == (not model.config.tie_word_embeddings)
     assert ("decoder.layers.0.self_attention.linear_qkv.bias" in full) == (
         model.config.model_type == "qwen2")
+    assert ("decoder.layers.1.self_attention.q_layernorm.weight" in full) == (
+        model.config.model_type == "qwen3")
 
 
 def test_fused_layouts_follow_megatron(model):
@@ -53,7 +65,7 @@ def test_fused_layouts_follow_megatron(model):
     SelfAttention.get_query_key_value_tensors); fc1 is [gate; up]."""
     sd, cfg = model.state_dict(), model.config
     full = to_megatron(sd, cfg)
-    d = cfg.hidden_size // cfg.num_attention_heads
+    d = head_dim(cfg)
     per_group = cfg.num_attention_heads // cfg.num_key_value_heads
     for suffix in ["weight", "bias"] if cfg.model_type == "qwen2" else ["weight"]:
         q, k, v = (sd[f"model.layers.1.self_attn.{p}_proj.{suffix}"] for p in "qkv")
@@ -104,8 +116,10 @@ def test_errors_name_the_tensor():
         list(to_hf(full, model.config))
 
 
-def test_layout_lists_every_hf_tensor():
-    model = hf_model("llama_untied")
+@pytest.mark.parametrize("kind", ["llama_untied", "qwen3"])
+def test_layout_lists_every_hf_tensor(kind):
+    model = hf_model(kind)
     layout = HFLayout.from_config(model.config)
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()
+              if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
     assert layout.hf_shapes() == shapes

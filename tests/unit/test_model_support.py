@@ -26,6 +26,7 @@ REFUSED = [
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
     ({"model_type": "llama", "attention_bias": True}, "attention_bias"),
     ({"model_type": "llama", "mlp_bias": True}, "mlp_bias"),
+    ({"model_type": "qwen3", "attention_bias": True}, "qwen3 attention_bias"),
     ({"use_sliding_window": True}, "use_sliding_window"),
 ]
 
@@ -51,13 +52,13 @@ def test_refused_configs_name_the_reason(change, reason):
         check_supported(raw)
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+@pytest.mark.parametrize("kind", ["qwen2", "llama", "qwen3"])
 def test_plain_llama_and_qwen2_are_supported(kind):
     raw = _tiny(model_type=kind, rope_theta=500000.0)
     for config in (raw, _hf(raw)):
         assert unsupported(config) is None
         assert rope_type(config) == "default" and rope_theta(config) == 500000.0
-    assert fast_decode.supports(_hf(raw))
+    assert fast_decode.supports(_hf(raw)) == (kind != "qwen3")  # Qwen3: q/k norms
 
 
 def test_layout_and_preflight_use_the_same_check(tmp_path):
