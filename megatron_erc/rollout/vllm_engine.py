@@ -19,11 +19,13 @@ import importlib.util
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from megatron_erc.rollout.engine_logs import engine_output_to
 from megatron_erc.rollout.shm_stream import receive
 
 from .engine import Sample, SamplingConfig, StreamedWeightLoads
@@ -109,6 +111,19 @@ def _visible_devices(devices: tuple[int, ...] | None):
             os.environ["CUDA_VISIBLE_DEVICES"] = before
 
 
+@contextlib.contextmanager
+def _engine_output(log_file, level: str):
+    """``engine_output_to``, and on a failed start a pointer to the log that says why."""
+    try:
+        with engine_output_to(log_file, level):
+            yield
+    except BaseException:
+        if log_file is not None:
+            print(f"[engine] vLLM failed to start; its log: {log_file}", file=sys.stderr,
+                  flush=True)
+        raise
+
+
 CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
@@ -137,6 +152,9 @@ class VLLMEngine(StreamedWeightLoads):
     ``CUDA_VISIBLE_DEVICES`` while the workers start, so two engines of one node never share a
     GPU). On GPU, ``gpu_memory_utilization`` is the fraction of each device vLLM may take
     (weights plus KV cache); on CPU the KV cache is ``kv_cache_memory_bytes``.
+    ``log_file``: vLLM's own output (its logging at ``log_level``, and whatever it prints while
+    starting, its worker processes included) goes there instead of the console
+    (``engine_logs.py``); None leaves it on the console.
     Extra keyword arguments go to ``vllm.LLM``.
     """
 
@@ -154,6 +172,8 @@ class VLLMEngine(StreamedWeightLoads):
         tensor_parallel_size: int = 1,
         devices: tuple[int, ...] | None = None,
         gpu_memory_utilization: float | None = None,
+        log_file: str | os.PathLike | None = None,
+        log_level: str = "INFO",
         **llm_kwargs,
     ) -> None:
         if not vllm_available():
@@ -166,8 +186,6 @@ class VLLMEngine(StreamedWeightLoads):
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocessing else "0"
         elif not on_gpu:
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        import vllm
-
         self.model_dir = Path(model_dir)
         self._workers = tensor_parallel_size
         self._in_process = (tensor_parallel_size == 1
@@ -190,7 +208,10 @@ class VLLMEngine(StreamedWeightLoads):
         if devices is not None and len(devices) != tensor_parallel_size:
             raise ValueError(f"{len(devices)} devices for tensor_parallel_size "
                              f"{tensor_parallel_size}")
-        with _visible_devices(devices if on_gpu else None):
+        with _visible_devices(devices if on_gpu else None), \
+                _engine_output(log_file, log_level):
+            import vllm
+
             self.llm = vllm.LLM(
                 model=os.fspath(model_dir),
                 dtype=dtype or ("bfloat16" if on_gpu else "float32"),
