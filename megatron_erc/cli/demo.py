@@ -17,9 +17,9 @@ import time
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.utils import logging as hf_logging
 
 from megatron_erc.cli.assets import example_path
-from megatron_erc.cli.plot import plot_run
 from megatron_erc.config import load_config
 from megatron_erc.data.arithmetic import generate_problems
 from megatron_erc.data.tokenizers import train_sentencepiece
@@ -49,7 +49,11 @@ def prepare(root: pathlib.Path, seed: int = 0) -> None:
              pad_token_id=tok.pad_token_id, bos_token_id=None)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(d.pop("model_type"), **d))
-    model.save_pretrained(root / "init")
+    hf_logging.disable_progress_bar()  # a one-shard bar says nothing for a 3 MB model
+    try:
+        model.save_pretrained(root / "init")
+    finally:
+        hf_logging.enable_progress_bar()
 
 
 def run_demo(out_dir: str = "runs/demo", sft_steps: int = 150, rl_steps: int = 60,
@@ -68,15 +72,13 @@ def run_demo(out_dir: str = "runs/demo", sft_steps: int = 150, rl_steps: int = 6
     rl_cfg = load_config(TrainConfig, example_path("tiny/dapo_erc.yaml"), paths + [
         f"run.dir={root / 'rl'}", f"run.steps={rl_steps}", f"model.path={hf_dir}",
         f"validation.path={root / 'data' / 'val.jsonl'}"])
-    history = run_train(rl_cfg, validate_first=True)
+    history = run_train(rl_cfg, validate_first=True)  # prints the run's summary at the end
     acc = [m["val/accuracy"] for m in history if "val/accuracy" in m]
-    png = plot_run(root / "rl")
+    rl = json.loads((root / "rl" / "summary.json").read_text())
     summary = {"warm_start_accuracy": acc[0], "final_accuracy": acc[-1],
                "seconds": round(time.time() - t0, 1), "run_dir": str((root / "rl").resolve()),
-               "dashboard": str(png.resolve())}
+               "dashboard": rl["paths"]["dashboard"]}
     (root / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"[demo] validation accuracy: warm start {acc[0]:.1%} -> after {rl_steps} DAPO+ERC "
-          f"steps {acc[-1]:.1%}; {summary['seconds']} s")
-    print(f"[demo] run directory: {summary['run_dir']}")
-    print(f"[demo] dashboard:     {summary['dashboard']}")
+    print(f"[demo] done in {summary['seconds']:.0f} s (task, warm start, RL); compare runs "
+          f"with: megatron-erc plot {summary['run_dir']} OTHER_RUN_DIR")
     return summary

@@ -51,6 +51,12 @@ class RunConfig:
     """Concatenate the sequences of a micro-batch into one row without padding (THD layout,
     megatron's ``PackedSeqParams``): attention stays within each sequence and RoPE positions
     restart at each. Off: each sequence is a row padded to the micro-batch's longest."""
+    loggers: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])
+    """Where step metrics go (rank 0, after the reduction over ranks): any of ``jsonl``
+    (RUN_DIR/metrics.jsonl, read by ``plot`` and the end-of-run summary), ``tensorboard``,
+    ``wandb`` (offline, RUN_DIR/wandb; extra ``.[wandb]``), ``mlflow`` (file store
+    RUN_DIR/mlruns; extra ``.[mlflow]``). Each starts with the run: a missing package or a
+    failed start stops it there. ``sft`` always writes jsonl and TensorBoard."""
     seq_len: int = 128
     """Longest prompt + response of a training sequence; must hold
     ``data.max_prompt_tokens + rollout.max_response_tokens`` (checked at start)."""
@@ -59,6 +65,16 @@ class RunConfig:
         for name in ("steps", "updates_per_rollout", "micro_batch_size", "seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"run.{name} must be >= 1, got {getattr(self, name)}")
+        known = ("jsonl", "tensorboard", "wandb", "mlflow")  # trainer/loggers.py: LOGGERS
+        if isinstance(self.loggers, str):  # run.loggers=wandb on the command line
+            self.loggers = [self.loggers]
+        if not isinstance(self.loggers, (list, tuple)):
+            raise ValueError(f"run.loggers must be a list such as [jsonl, tensorboard, wandb], "
+                             f"got {self.loggers!r}")
+        self.loggers = list(self.loggers)
+        unknown = [x for x in self.loggers if x not in known]
+        if unknown or len(set(self.loggers)) != len(self.loggers):
+            raise ValueError(f"run.loggers={self.loggers}: each of {known} at most once")
         if self.max_tokens_per_micro_batch is not None and self.max_tokens_per_micro_batch < 1:
             raise ValueError(f"run.max_tokens_per_micro_batch must be >= 1 or null, got "
                              f"{self.max_tokens_per_micro_batch}")
@@ -128,6 +144,10 @@ class RolloutConfig:
     """``math`` (math-verify on the last boxed answer) or a dotted path ``pkg.mod:fn``."""
     reward_timeout_s: float = 5.0
     """Per-response grading timeout; a timeout scores 0 and is counted."""
+    engine_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """vLLM's own log lines (and whatever it prints while starting, its worker processes
+    included) go to RUN_DIR/logs/engine.log at this level, not to the console (other engine
+    leaders than rank 0: engine-rankN.log)."""
 
     def __post_init__(self):
         if self.n < 2:

@@ -1,53 +1,45 @@
-"""Per-step metrics: ``RUN_DIR/metrics.jsonl`` (one JSON object per line, appended, so a
-resumed run continues the file) and TensorBoard events, written by global rank 0 only."""
+"""Per-step metrics: the loggers of ``run.loggers`` (``loggers.py``: metrics.jsonl,
+TensorBoard, W&B offline, MLflow), written by global rank 0 only after the metrics are
+reduced over ranks; the console line of each step; the end-of-run summary
+(``summary.py``); and how each metric combines over ranks (``Reduce``)."""
 
 from __future__ import annotations
 
 import enum
 import json
-import math
 import sys
 from pathlib import Path
 
 from megatron_erc.algorithms import NON_ADDITIVE_METRICS, POLICY_LOSS_METRICS
 from megatron_erc.rewards.pool import COUNT_NAMES
+from megatron_erc.trainer.loggers import start_loggers
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: str | Path, enabled: bool = True):
+    """Every logger of ``loggers`` (started now: a failure is an error at start), fed with
+    each step's metrics. ``enabled=False`` (ranks other than 0) starts and writes nothing."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True,
+                 loggers=("jsonl", "tensorboard"), config: dict | None = None):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
-        self._file = None
-        self._tb = None
-        if not enabled:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a")  # noqa: SIM115 - lives as long as the run
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
-        except ImportError:  # tensorboard is optional: metrics.jsonl is the source of truth
-            self._tb = None
+        self.loggers = []
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.loggers = start_loggers(loggers, Path(run_dir), config=config)
 
     def log(self, metrics: dict, step_key: str = "step") -> None:
-        if not self.enabled:
-            return
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                 for k, v in metrics.items()}
-        self._file.write(json.dumps(clean, sort_keys=True) + "\n")
-        self._file.flush()
-        if self._tb is not None and step_key in metrics:
-            for k, v in metrics.items():
-                if k != step_key and isinstance(v, (int, float)) and math.isfinite(v):
-                    self._tb.add_scalar(k, v, metrics[step_key])
-            self._tb.flush()
+        for logger in self.loggers:
+            logger.log(metrics, step_key)
+
+    def paths(self) -> dict[str, Path]:
+        """Logger name -> where it writes."""
+        return {logger.name: logger.path for logger in self.loggers}
 
     def close(self) -> None:
-        if self._file:
-            self._file.close()
-        if self._tb is not None:
-            self._tb.close()
+        loggers, self.loggers = self.loggers, []
+        for logger in loggers:
+            logger.close()
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

@@ -16,6 +16,7 @@ import logging
 import os
 import random
 import signal
+import time
 from pathlib import Path
 
 import torch
@@ -25,8 +26,9 @@ from megatron_erc import platform
 from megatron_erc.checkpoint import train as ckpt
 from megatron_erc.checkpoint.async_save import CheckpointSaver
 from megatron_erc.checkpoint.hf import SafetensorsReader
+from megatron_erc.checkpoint.steps import find_latest
 from megatron_erc.config import to_dict
-from megatron_erc.errors import UserError
+from megatron_erc.errors import UserError, current_rank
 from megatron_erc.models.hf_adapter import load_hf_weights
 from megatron_erc.platform.distributed import init_process_group
 from megatron_erc.rewards import RewardGrader
@@ -36,6 +38,7 @@ from megatron_erc.trainer.actor import Actor
 from megatron_erc.trainer.colocate import Colocation
 from megatron_erc.trainer.config import TrainConfig
 from megatron_erc.trainer.layout import engine_slot
+from megatron_erc.trainer.loggers import check_loggers
 from megatron_erc.trainer.metrics import MetricsWriter, Progress
 from megatron_erc.trainer.offload import TrainerOffload
 from megatron_erc.trainer.preflight import check_eval, check_model, check_train
@@ -43,6 +46,7 @@ from megatron_erc.trainer.rl import RunContext, train
 from megatron_erc.trainer.rollouts import Generator, validation_accuracy
 from megatron_erc.trainer.steps import sync_engine
 from megatron_erc.trainer.stop_budget import STOP_FILE_ENV, StopBudget
+from megatron_erc.trainer.summary import summarize, summary_lines, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +150,8 @@ def build_engine(cfg: TrainConfig, actor, slot):
                             enable_sleep_mode=r.colocate and on_gpu,
                             dtype=cfg.parallel.params_dtype, seed=cfg.run.seed,
                             tensor_parallel_size=r.tp, devices=slot.devices,
-                            multiprocessing=True if multi else None)
+                            multiprocessing=True if multi else None,
+                            log_file=engine_log(cfg), log_level=r.engine_log_level)
         if off is not None:  # back before the initial sync; the engine sleeps after it
             off.reload()
             off.close()
@@ -169,8 +174,47 @@ def build_generator(cfg: TrainConfig, actor, tokenizer, group):
                      group=group), colocation, kind
 
 
+def engine_log(cfg: TrainConfig) -> Path:
+    """Where this rank's vLLM engine logs (``rollout.engine_log_level``)."""
+    rank = dist.get_rank() if dist.is_initialized() else current_rank()[0]
+    return Path(cfg.run.dir) / "logs" / ("engine.log" if rank == 0 else f"engine-rank{rank}.log")
+
+
 def run_train(cfg: TrainConfig, validate_first: bool = False) -> list[dict]:
+    t_start = time.perf_counter()
     inputs = check_train(cfg)  # every rank, before any collective
+    check_loggers(cfg.run.loggers)
+    run_dir = Path(cfg.run.dir)
+    # The loggers start first (rank 0): a W&B or MLflow that cannot start stops the run now.
+    writer = MetricsWriter(run_dir, enabled=current_rank()[0] == 0, loggers=cfg.run.loggers,
+                           config=json.loads(json.dumps(to_dict(cfg), default=str)))
+    try:
+        history = _run_train(cfg, inputs, writer, validate_first)
+        paths = writer.paths()
+    finally:
+        writer.close()
+    if current_rank()[0] == 0 and history:
+        _print_summary(cfg, history, time.perf_counter() - t_start, paths)
+    return history
+
+
+def _print_summary(cfg: TrainConfig, history: list[dict], wall_s: float, paths: dict) -> None:
+    from megatron_erc.cli.plot import plot_run
+
+    run_dir = Path(cfg.run.dir)
+    out = {"dashboard": plot_run(run_dir) if "jsonl" in cfg.run.loggers else None}
+    out.update({k: v for k, v in paths.items() if k != "jsonl"})
+    latest = find_latest(run_dir / "checkpoints")
+    out["checkpoint"] = latest
+    if (run_dir / "logs" / "engine.log").exists():
+        out["engine log"] = run_dir / "logs" / "engine.log"
+    s = summarize(history, wall_s=wall_s, paths=out)
+    write_summary(run_dir, s)
+    print("\n".join(summary_lines(s)), flush=True)
+
+
+def _run_train(cfg: TrainConfig, inputs, writer: MetricsWriter,
+               validate_first: bool) -> list[dict]:
     setup_parallel(cfg)
     group = object_group(cfg)
     rank0 = dist.get_rank() == 0
@@ -198,8 +242,6 @@ def run_train(cfg: TrainConfig, validate_first: bool = False) -> list[dict]:
             if rank0:
                 print(f"[train] resumed from step {start_step}", flush=True)
         validate = _validator(cfg, inputs.validation, tokenizer, generator, colocation, actor)
-        writer = MetricsWriter(run_dir, enabled=rank0)
-        cleanup.callback(writer.close)
         progress = Progress(cfg.run.steps, start_step, enabled=rank0)
         cleanup.callback(progress.close)
         stop = {"flag": False}
