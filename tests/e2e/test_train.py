@@ -77,7 +77,9 @@ def test_train_tp1_resume_matches_uninterrupted(task, tmp_path):
         assert 1 <= r["dynamic_sampling/groups_kept"] <= 4  # trained on, not found
     assert checkpoints(full) == ["step_00000003"]
 
-    train(overrides(task, part, 2))
+    # the interrupted run writes asynchronously (a forked writer while the next step trains)
+    train(overrides(task, part, 2, "checkpoint.every=1", "checkpoint.async_save=true"))
+    assert checkpoints(part) == ["step_00000001", "step_00000002"]
     resumed = train(overrides(task, part, 3, "checkpoint.resume=auto"))
     assert "resumed from step 2" in resumed.stdout
     step3 = [r for r in metrics(part) if r["step"] == 3]

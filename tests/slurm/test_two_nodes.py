@@ -53,7 +53,8 @@ def test_a_killed_node_fails_the_job_and_the_next_one_resumes(two_nodes, tiny_ta
     run_dir = tmp_path / "run"
     timeout_min = 0.5  # the collective timeout: the job must not outlive it by much
     overrides = tiny_overrides(tiny_task, steps=200, tp=1) + [
-        "checkpoint.every=1", f"parallel.distributed_timeout_min={timeout_min}"]
+        "checkpoint.every=1", "checkpoint.async_save=true",  # saves in flight when killed
+        f"parallel.distributed_timeout_min={timeout_min}"]
     job = submit(two_nodes, run_dir, overrides, nodes=2, ranks_per_node=1)
     wait_steps(two_nodes, job, run_dir, 3)
     assert two_nodes.kill_node_jobs("node1") > 0
