@@ -14,6 +14,8 @@ import sys
 
 import pytest
 
+from tests.e2e.console import assert_console_contract
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
@@ -29,3 +31,4 @@ def test_demo_rl_improves_validation_accuracy(tmp_path):
     assert pathlib.Path(summary["dashboard"]).stat().st_size > 10_000
     assert summary["dashboard"] in proc.stdout
     assert summary["final_accuracy"] > summary["warm_start_accuracy"], summary
+    assert_console_contract(proc.stdout + proc.stderr)  # issue 19: <= 100 lines, all ours
