@@ -29,9 +29,11 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=text)
         p.add_argument("--config", help="YAML config file")
         p.add_argument("overrides", nargs="*", help="section.field=value")
-    plot = sub.add_parser("plot", help="PNG dashboard of a run's metrics")
-    plot.add_argument("run_dir")
-    plot.add_argument("--out", help="PNG path (default RUN_DIR/dashboard.png)")
+    plot = sub.add_parser("plot", help="PNG dashboard of a run's metrics, or of several runs "
+                          "overlaid (RUN_DIR, LABEL=RUN_DIR or a directory of runs)")
+    plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    plot.add_argument("--out", help="PNG path (default: RUN_DIR/dashboard.png for one run, "
+                      "comparison.png for several)")
     sub.add_parser("convert", help="HF <-> Megatron checkpoint conversion (see convert -h)",
                    add_help=False)
     args, rest = parser.parse_known_args(argv)
@@ -73,7 +75,11 @@ def _run(args) -> None:
         acc = run_eval(load_config(TrainConfig, args.config, args.overrides))
         print(f"[eval] accuracy {acc:.2%}")
     elif args.command == "plot":
-        from megatron_erc.cli.plot import plot_run
+        from megatron_erc.cli.plot import find_runs, plot_run, plot_runs
 
-        print(plot_run(args.run_dir, args.out))
+        runs = find_runs(args.run_dirs)
+        if len(runs) == 1 and len(args.run_dirs) == 1 and "=" not in args.run_dirs[0]:
+            print(plot_run(next(iter(runs.values())), args.out))
+        else:
+            print(plot_runs(runs, args.out or "comparison.png"))
 
