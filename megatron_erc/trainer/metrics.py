@@ -57,10 +57,12 @@ class Progress:
     """The console view of a run: one line per step (kept in logs) and, on a terminal, a
     tqdm bar below them with the step count, elapsed time and ETA. Rank 0 only."""
 
-    def __init__(self, steps: int, start_step: int = 0, enabled: bool = True, file=None):
+    def __init__(self, steps: int, start_step: int = 0, enabled: bool = True, file=None,
+                 groups_per_step: int | None = None):
         from tqdm import tqdm
 
         self.steps, self.enabled = steps, enabled
+        self.groups_per_step, self._explained = groups_per_step, False
         self._bar = tqdm(total=steps, initial=start_step, desc="[rl]", unit="step",
                          dynamic_ncols=True, leave=False, file=file,
                          disable=None if enabled else True)  # None: off unless a terminal
@@ -68,13 +70,27 @@ class Progress:
     def __call__(self, m: dict) -> None:
         if not self.enabled:
             return
-        self._bar.write(progress_line(m, self.steps))
+        self._bar.write(progress_line(m, self.steps) + self._groups(m))
         sys.stdout.flush()
         if m.get("step", 0) > self._bar.n:
             self._bar.set_postfix(acc=f"{m.get('accuracy', 0):.1%}",
                                   erc_drop=f"{m.get('erc/dropped_frac', 0):.1%}", refresh=False)
             self._bar.update(m["step"] - self._bar.n)
             self._bar.refresh()  # a step takes seconds: never rate-limit the bar
+
+    def _groups(self, m: dict) -> str:
+        """`` groups K/N`` when dynamic sampling kept fewer groups than a full step (DAPO
+        trains on them); the first time with one line saying what it means."""
+        kept = m.get("dynamic_sampling/groups_kept")
+        if kept is None or self.groups_per_step is None or kept >= self.groups_per_step:
+            return ""
+        note = ""
+        if not self._explained:
+            self._explained = True
+            note = (f"\n[rl] note: groups {kept:.0f}/{self.groups_per_step}: only {kept:.0f} "
+                    "prompt groups had unequal rewards after rollout.max_gen_batches rounds of "
+                    "dynamic sampling; such steps train on those")
+        return f"  groups {kept:.0f}/{self.groups_per_step}{note}"
 
     def close(self) -> None:
         self._bar.close()

@@ -145,7 +145,8 @@ def collect_rollout(cfg, gen: Generator, prompts: list[tuple[list[int], str]], r
         kept += [(groups[g], shaped[g * n:(g + 1) * n]) for g in filt.kept_group_ids.tolist()]
         rounds += 1
     if len(kept) < r.prompts_per_step:
-        log.warning("dynamic sampling: only %d of %d groups have non-equal rewards after %d "
+        # info, not a warning: the console's step line shows it (trainer/metrics.Progress)
+        log.info("dynamic sampling: only %d of %d groups have non-equal rewards after %d "
                     "rounds; training on what there is", len(kept), r.prompts_per_step, rounds)
     kept = kept[: r.prompts_per_step]  # the last round may overshoot
     metrics.update({"dynamic_sampling/groups_kept": float(len(kept)),

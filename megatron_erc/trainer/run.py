@@ -242,7 +242,8 @@ def _run_train(cfg: TrainConfig, inputs, writer: MetricsWriter,
             if rank0:
                 print(f"[train] resumed from step {start_step}", flush=True)
         validate = _validator(cfg, inputs.validation, tokenizer, generator, colocation, actor)
-        progress = Progress(cfg.run.steps, start_step, enabled=rank0)
+        progress = Progress(cfg.run.steps, start_step, enabled=rank0,
+                            groups_per_step=cfg.rollout.prompts_per_step)
         cleanup.callback(progress.close)
         stop = {"flag": False}
         for sig in (signal.SIGTERM, signal.SIGUSR1):  # Slurm: USR1 before the limit, TERM at it

@@ -1,13 +1,12 @@
 """The console contract of a successful run (issue 19): at most 100 lines, every one of them
-ours (the bracketed prefixes below, or our logging's warnings), no traceback, no line that
+ours (the bracketed prefixes below), no traceback, no line that
 reads as a failure. vLLM's output belongs in RUN_DIR/logs/engine.log."""
 
 from __future__ import annotations
 
 import re
 
-OURS = re.compile(r"^(\[(demo|sft|convert|train|rl|summary|eval|setup|install_vllm)\] |"
-                  r"dynamic sampling: )")
+OURS = re.compile(r"^\[(demo|sft|convert|train|rl|summary|eval|setup|install_vllm)\] ")
 FAILURE = re.compile(r"Traceback|\bERROR\b|\bFailed\b|\bfailed\b")
 
 

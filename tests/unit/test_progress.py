@@ -36,3 +36,15 @@ def test_no_bar_off_a_terminal_and_nothing_on_other_ranks(capsys):
     assert capsys.readouterr().out.startswith("[rl] step   1/10")
     Progress(10, enabled=False, file=pipe)(_step(2))
     assert capsys.readouterr().out == "" and pipe.getvalue() == ""
+
+
+def test_steps_short_of_groups_say_so_on_their_line_and_explain_once(capsys):
+    p = Progress(10, groups_per_step=16, file=io.StringIO())
+    for kept in (16.0, 12.0, 9.0):
+        p({**_step(1), "dynamic_sampling/groups_kept": kept})
+    p.close()
+    out = capsys.readouterr().out.splitlines()
+    assert "groups" not in out[0]
+    assert out[1].endswith("  groups 12/16") and out[3].endswith("  groups 9/16")
+    assert out[2].startswith("[rl] note: groups 12/16: only 12 prompt groups")
+    assert len(out) == 4
