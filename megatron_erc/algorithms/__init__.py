@@ -1,11 +1,18 @@
-"""Pure tensor math for RL post-training: policy losses (DAPO clip-higher, GPPO / CE-GPPO,
-dual clip, TIS), the ERC mask, GRPO advantages and DAPO's sampling filters.
+"""Pure tensor math for RL post-training: policy losses (surrogates: DAPO clip-higher, GPPO /
+CE-GPPO, CISPO, GSPO, SAPO, DPPO; dual clip, TIS; regularizers: Clip-Cov, KL-Cov, 80/20,
+entropy bonus), the ERC mask, GRPO advantages and DAPO's sampling filters.
 
 No collectives and no Megatron parallel state: callers pass global token counts in.
 """
 
 from megatron_erc.algorithms.advantages import group_index, grpo_advantages
-from megatron_erc.algorithms.config import ErcConfig, OverlongConfig, PolicyLossConfig
+from megatron_erc.algorithms.config import (
+    REGULARIZERS,
+    SURROGATES,
+    ErcConfig,
+    OverlongConfig,
+    PolicyLossConfig,
+)
 from megatron_erc.algorithms.erc import entropy_ratio, erc_keep_mask, stop_gradient_outside
 from megatron_erc.algorithms.losses import (
     NON_ADDITIVE_METRICS,
@@ -24,6 +31,8 @@ from megatron_erc.algorithms.sampling import (
 __all__ = [
     "NON_ADDITIVE_METRICS",
     "POLICY_LOSS_METRICS",
+    "REGULARIZERS",
+    "SURROGATES",
     "ErcConfig",
     "GroupFilterResult",
     "OverlongConfig",

@@ -8,10 +8,18 @@ the ERC recipe sets `erc=ErcConfig()` (0.95 / 1.05, as in every published ERC ru
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
-SURROGATES = ("clip", "gppo")
+SURROGATES = ("clip", "gppo", "cispo", "gspo", "sapo", "dppo")
+REGULARIZERS = ("none", "clip_cov", "kl_cov")
+_OWNED_FIELDS = {
+    "sapo_tau_pos": "sapo", "sapo_tau_neg": "sapo",
+    "dppo_delta_low": "dppo", "dppo_delta_high": "dppo",
+    "clip_cov_frac": "clip_cov", "clip_cov_low": "clip_cov", "clip_cov_high": "clip_cov",
+    "kl_cov_frac": "kl_cov", "kl_cov_coef": "kl_cov",
+}
+"""Fields that only act with one surrogate / regularizer: setting one for another is an error."""
 
 
 def _is_number(x: Any) -> bool:
@@ -62,13 +70,20 @@ class PolicyLossConfig:
     """Per-token policy-gradient surrogate, its clipping, and the masks composed on top."""
 
     surrogate: str = "clip"
-    """`"clip"`: PPO/DAPO clip-higher, clipped tokens get no gradient. `"gppo"`:
-    gradient-preserving clipping (Klear-Reasoner / CE-GPPO), same forward value on
-    unclipped tokens, clipped tokens keep a bounded gradient."""
+    """The per-token policy-gradient surrogate (formulas and papers in
+    `algorithms/surrogates.py` and the README table). `"clip"`: PPO/DAPO clip-higher,
+    clipped tokens get no gradient. `"gppo"`: gradient-preserving clipping (Klear-Reasoner /
+    CE-GPPO), same forward value on unclipped tokens, clipped tokens keep a bounded
+    gradient. `"cispo"`: every token keeps the gradient of log pi, weighted by the clipped,
+    detached ratio (MiniMax-M1). `"gspo"`: PPO clip on the sequence ratio
+    `exp(mean_t(logp - old_logp))` (Qwen GSPO). `"sapo"`: a sigmoid soft gate instead of a
+    hard clip (Qwen SAPO). `"dppo"`: no gradient where the sampled token's probability moved
+    past a total-variation bound in the advantage's direction (DPPO binary-TV)."""
 
     eps_low: float = 0.2
     """Lower clip range: the ratio is clipped below at `1 - eps_low` (for A < 0).
-    Must be in [0, 1)."""
+    Must be in [0, 1). Used by clip, gppo, cispo and gspo (on the sequence ratio, where the
+    GSPO paper uses 3e-4); sapo and dppo have their own bounds and ignore it."""
 
     eps_high: float = 0.28
     """Upper clip range: the ratio is clipped above at `1 + eps_high` (for A > 0).
@@ -88,6 +103,68 @@ class PolicyLossConfig:
     """CE-GPPO beta2: scale of the preserved gradient on tokens with A > 0 and
     r > 1 + eps_high. 1.0 is plain GPPO (and the published CE-GPPO value).
     Only used with `surrogate="gppo"`."""
+
+    sapo_tau_pos: float = 1.0
+    """SAPO gate temperature for A > 0 (Gao et al. 2025, arXiv 2511.20347, uses 1.0).
+    Must be > 0; larger is a harder gate. Only used with `surrogate="sapo"`."""
+
+    sapo_tau_neg: float = 1.05
+    """SAPO gate temperature for A < 0 (the paper uses 1.05: negative tokens are gated
+    faster). Must be > 0. Only used with `surrogate="sapo"`."""
+
+    dppo_delta_low: float = 0.2
+    """DPPO binary-TV bound for A < 0: a token whose sampled-token probability fell by more
+    than this (`p - p_old < -delta_low`) gets no gradient. In (0, 1]. Only used with
+    `surrogate="dppo"`. 0.2 is our default, not a value from the paper: tune it."""
+
+    dppo_delta_high: float = 0.2
+    """DPPO binary-TV bound for A > 0: no gradient where `p - p_old > delta_high`. In (0, 1].
+    Only used with `surrogate="dppo"`."""
+
+    regularizer: str = "none"
+    """Covariance-selected token regularizer (Cui et al. 2025, arXiv 2505.22617) on top of the
+    surrogate: `"none"`; `"clip_cov"` (a random `clip_cov_frac` of the tokens whose
+    covariance `(A - mean A)(logp - mean logp)` lies in `[clip_cov_low, clip_cov_high]`
+    lose their gradient); `"kl_cov"` (the top `kl_cov_frac` tokens by covariance get
+    `+ kl_cov_coef * |logp - old_logp|`). See `algorithms/regularizers.py`."""
+
+    clip_cov_frac: float = 2e-4
+    """Clip-Cov: fraction of a micro-batch's response tokens detached (at least one when any
+    token is in the band). In (0, 1]; the paper uses 2e-4. Only with `regularizer="clip_cov"`."""
+
+    clip_cov_low: float = 1.0
+    """Clip-Cov: lower edge of the covariance band (paper: 1).
+    Only with `regularizer="clip_cov"`."""
+
+    clip_cov_high: float = 5.0
+    """Clip-Cov: upper edge of the covariance band (paper: 5); must be > clip_cov_low."""
+
+    kl_cov_frac: float = 2e-3
+    """KL-Cov: fraction of a micro-batch's response tokens (the highest covariance, at least
+    one) that get the KL penalty. In (0, 1]; the paper uses 2e-3 (7B) and 2e-4 (32B).
+    Only with `regularizer="kl_cov"`."""
+
+    kl_cov_coef: float = 1.0
+    """KL-Cov: coefficient of `|logp - old_logp|` on the selected tokens (paper: 1). Must be
+    > 0. Only with `regularizer="kl_cov"`."""
+
+    entropy_coef: float = 0.0
+    """Entropy bonus: `loss -= coef * token-mean(H_theta)` over all response tokens (not
+    masked by ERC, clipping or 80/20). 0 disables it. Needs the entropy with gradient
+    (the trainer asks for it when this is > 0). With `entropy_target` this is the largest
+    coefficient the adaptive rule uses."""
+
+    entropy_target: float | None = None
+    """Target entropy (nats per token) of the adaptive entropy bonus: the coefficient used is
+    `entropy_coef * max(0, 1 - H_mean / entropy_target)`, with `H_mean` the micro-batch's
+    token-mean entropy, so the bonus fades out as the entropy reaches the target and is off
+    above it. None: fixed coefficient. Must be > 0; needs `entropy_coef > 0`."""
+
+    top_entropy_frac: float | None = None
+    """80/20 (Wang et al. 2025, arXiv 2506.01939): the policy gradient flows only through
+    the `ceil(frac * n)` highest-entropy response tokens of each micro-batch (n = its response
+    tokens); the others keep their loss value but lose their gradient, like ERC. The paper
+    uses 0.2. None disables it. In (0, 1]."""
 
     erc: ErcConfig | None = None
     """Entropy Ratio Clipping band composed on top of the surrogate; None disables ERC.
@@ -116,10 +193,19 @@ class PolicyLossConfig:
             raise ValueError(
                 f"PolicyLossConfig.surrogate must be one of {SURROGATES}, got "
                 f"{self.surrogate!r}. Use 'clip' for PPO/DAPO or 'gppo' for "
-                f"gradient-preserving clipping; ERC is enabled separately via `erc=`."
+                f"gradient-preserving clipping; ERC is enabled separately via `erc=`, and "
+                f"clip_cov / kl_cov via `regularizer=`."
             )
-        for name in ("eps_low", "eps_high", "gppo_beta_low", "gppo_beta_high", "pos_nll_coef"):
+        if self.regularizer not in REGULARIZERS:
+            raise ValueError(
+                f"PolicyLossConfig.regularizer must be one of {REGULARIZERS}, got "
+                f"{self.regularizer!r}. The entropy bonus (entropy_coef) and 80/20 "
+                f"(top_entropy_frac) are separate fields that combine with any of these."
+            )
+        for name in ("eps_low", "eps_high", "gppo_beta_low", "gppo_beta_high", "pos_nll_coef",
+                     *_OWNED_FIELDS, "entropy_coef"):
             _require_number(f"PolicyLossConfig.{name}", getattr(self, name))
+        self._check_rivals()
         if not 0.0 <= self.eps_low < 1.0:
             raise ValueError(
                 f"PolicyLossConfig.eps_low must be in [0, 1) (the lower clip bound 1 - eps_low "
@@ -171,6 +257,56 @@ class PolicyLossConfig:
                 f"PolicyLossConfig.pos_nll_coef must be >= 0; got {self.pos_nll_coef}. Use 0 "
                 f"to disable the positive-example NLL (the ERC recipe uses 0.1)."
             )
+
+    def _check_rivals(self) -> None:
+        """The knobs of the other surrogates / regularizers: ranges, then that no knob is set
+        for a method that is not selected (it would silently do nothing)."""
+        positive = {"sapo_tau_pos": "1.0", "sapo_tau_neg": "1.05", "kl_cov_coef": "1.0"}
+        for name, typical in positive.items():
+            if not getattr(self, name) > 0.0:
+                raise ValueError(f"PolicyLossConfig.{name} must be > 0; got "
+                                 f"{getattr(self, name)}. The paper uses {typical}.")
+        for name in ("dppo_delta_low", "dppo_delta_high", "clip_cov_frac", "kl_cov_frac"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(
+                    f"PolicyLossConfig.{name} must be in (0, 1] (it is a probability "
+                    f"difference or a fraction of tokens); got {getattr(self, name)}.")
+        if not self.clip_cov_high > self.clip_cov_low:
+            raise ValueError(
+                f"PolicyLossConfig.clip_cov_high must be > clip_cov_low (the covariance band "
+                f"is [low, high]); got low={self.clip_cov_low}, high={self.clip_cov_high}. "
+                f"The paper uses 1 and 5.")
+        defaults = {f.name: f.default for f in fields(self)}
+        for name, owner in _OWNED_FIELDS.items():
+            selected = self.surrogate if owner in SURROGATES else self.regularizer
+            key = "surrogate" if owner in SURROGATES else "regularizer"
+            if selected != owner and getattr(self, name) != defaults[name]:
+                raise ValueError(
+                    f"PolicyLossConfig.{name}={getattr(self, name)} has no effect with "
+                    f"{key}={selected!r}: set {key}={owner!r} or leave {name} at its default "
+                    f"{defaults[name]}.")
+        if self.entropy_coef < 0.0:
+            raise ValueError(
+                f"PolicyLossConfig.entropy_coef must be >= 0 (a bonus; a negative one would "
+                f"push entropy down); got {self.entropy_coef}. Use 0 to disable it.")
+        if self.entropy_target is not None:
+            _require_number("PolicyLossConfig.entropy_target", self.entropy_target)
+            if self.entropy_target <= 0.0:
+                raise ValueError(
+                    f"PolicyLossConfig.entropy_target must be > 0 (nats per token); got "
+                    f"{self.entropy_target}. Use None for a fixed entropy coefficient.")
+            if self.entropy_coef == 0.0:
+                raise ValueError(
+                    "PolicyLossConfig.entropy_target is set but entropy_coef is 0, so the "
+                    "adaptive bonus would always be 0: set entropy_coef > 0 (the largest "
+                    "coefficient), or entropy_target=None.")
+        if self.top_entropy_frac is not None:
+            _require_number("PolicyLossConfig.top_entropy_frac", self.top_entropy_frac)
+            if not 0.0 < self.top_entropy_frac <= 1.0:
+                raise ValueError(
+                    f"PolicyLossConfig.top_entropy_frac must be in (0, 1] (the fraction of "
+                    f"highest-entropy tokens that keep a gradient); got "
+                    f"{self.top_entropy_frac}. The 80/20 paper uses 0.2; None disables it.")
 
 
 @dataclass(kw_only=True)

@@ -1,5 +1,7 @@
-"""Policy-gradient surrogates (DAPO clip-higher, GPPO / CE-GPPO), dual clip, TIS, ERC, and
-the positive-example NLL. Pure tensor math: no process groups, no global state.
+"""The policy loss: a surrogate (`surrogates.py`: clip, gppo, cispo, gspo, sapo, dppo) with
+dual clip, TIS, ERC and the regularizers of `regularizers.py` (Clip-Cov, KL-Cov, 80/20,
+entropy bonus) composed on top; and the positive-example NLL. Pure tensor math: no process
+groups, no global state.
 
 Token-mean aggregation: every loss here is `sum(mask * loss_tok) / num_tokens`, where
 `num_tokens` is the *global* number of response tokens of the mini-batch (across
@@ -26,10 +28,14 @@ from megatron_erc.algorithms.erc import (
     quantiles,
     stop_gradient_outside,
 )
-
-LOG_RATIO_CLAMP = 20.0
-"""|logp - old_logp| is clamped here before exp (as verl does) so that a single diverged
-token gives a large finite ratio instead of inf/NaN. Tokens beyond it get no gradient."""
+from megatron_erc.algorithms.regularizers import (
+    clip_cov_mask,
+    entropy_bonus_coef,
+    kl_cov_mask,
+    token_covariance,
+    top_entropy_mask,
+)
+from megatron_erc.algorithms.surrogates import LOG_RATIO_CLAMP, log_ratio, surrogate_weights
 
 RHO_QUANTILES = (0.05, 0.5, 0.95)
 RHO_QUANTILE_NAMES = tuple(f"erc/ratio_p{round(q * 100):02d}" for q in RHO_QUANTILES)
@@ -37,7 +43,8 @@ NON_ADDITIVE_METRICS = frozenset(RHO_QUANTILE_NAMES)
 POLICY_LOSS_METRICS = frozenset({
     "mismatch/kl", "tis/capped_frac", "tis/weight_mean", "erc/ratio_mean", "entropy/mean",
     "entropy/old_mean", "erc/dropped_frac", "erc/dropped_low_frac", "erc/dropped_high_frac",
-    "clip/low_frac", "clip/high_frac", "clip/dual_frac", "kl/approx"})
+    "clip/low_frac", "clip/high_frac", "clip/dual_frac", "kl/approx", "cov/selected_frac",
+    "top_entropy/kept_frac", "entropy_bonus/coef"})
 """The additive (per-global-token) metrics `policy_loss` may return."""
 
 
@@ -92,8 +99,12 @@ def policy_loss(
     old_entropy: Tensor | None = None,
     rollout_logp: Tensor | None = None,
     num_tokens: int | float | Tensor | None = None,
+    segment_ids: Tensor | None = None,
+    adv_mean: float | Tensor | None = None,
+    seed: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Token-mean policy-gradient loss with optional dual clip, TIS and ERC.
+    """Token-mean policy-gradient loss: `cfg.surrogate` with optional dual clip, TIS, ERC,
+    Clip-Cov / KL-Cov, 80/20 and an entropy bonus.
 
     Args:
         logp: `[B, T]` log pi_theta of the sampled tokens (the only input with gradient).
@@ -110,6 +121,15 @@ def policy_loss(
             `cfg.tis_cap` is set; otherwise only used for the `mismatch/kl` metric.
         num_tokens: token-mean denominator: the global count of response tokens of the
             mini-batch (all micro-batches, all DP ranks). Defaults to `mask.sum()`.
+        segment_ids: `[B, T]` int index of the sequence each token belongs to within its row
+            (packed THD rows); None: one sequence per row. Only GSPO reads it.
+        adv_mean: mean advantage over the mini-batch's response tokens (all micro-batches,
+            all DP ranks) for the Clip-Cov / KL-Cov covariance; None: this micro-batch's.
+        seed: seed of Clip-Cov's random pick (required with `regularizer="clip_cov"`; the
+            same on every rank that holds this micro-batch).
+
+    Entropy is needed by ERC, 80/20 and the entropy bonus; for the bonus it must carry a
+    gradient (`logprobs_and_entropy(..., entropy_grad=True)`).
 
     Per token, with `r = exp(logp - old_logp)` (DAPO eq. 8, GPPO / CE-GPPO):
         clipped_low  = A < 0 and r < 1 - eps_low
@@ -117,10 +137,13 @@ def policy_loss(
         clip:  loss_tok = -A * {1 - eps_low | 1 + eps_high | r}
                (= max(-A*r, -A*clamp(r, 1-eps_low, 1+eps_high)))
         gppo:  loss_tok = -A * {beta1*(1-eps_low)*r/sg(r) | beta2*(1+eps_high)*r/sg(r) | r}
+        cispo, gspo, sapo, dppo: loss_tok = -A * w, w from `surrogates.py`
         dual clip (A < 0):  loss_tok = min(-c*A, loss_tok)
+        KL-Cov:             loss_tok += kl_cov_coef * |logp - old_logp| on the selected tokens
         TIS:                loss_tok *= sg(min(exp(old_logp - rollout_logp), tis_cap))
-        ERC:                loss_tok = where(keep, loss_tok, sg(loss_tok))
-        loss = sum(mask * loss_tok) / num_tokens
+        ERC, 80/20, Clip-Cov: loss_tok = where(keep, loss_tok, sg(loss_tok)), keep the
+                            intersection of the three masks
+        loss = sum(mask * loss_tok) / num_tokens - coef * sum(mask * H_theta) / num_tokens
 
     Returns:
         `(loss, metrics)`: a 0-d loss and detached 0-d tensor metrics (see module docstring
@@ -134,23 +157,16 @@ def policy_loss(
           with entropies: erc/ratio_mean, entropy/mean, entropy/old_mean, and the
             non-additive erc/ratio_p05, erc/ratio_p50, erc/ratio_p95;
           with rollout_logp: mismatch/kl (k3 of KL(rollout || old)); with tis_cap:
-            tis/weight_mean (capped weight), tis/capped_frac.
+            tis/weight_mean (capped weight), tis/capped_frac;
+          with a regularizer: cov/selected_frac (tokens Clip-Cov detached or KL-Cov
+            penalised); with 80/20: top_entropy/kept_frac; with an entropy bonus:
+            entropy_bonus/coef (the coefficient, token-weighted so it sums like the rest).
     """
     _check_same_shape(
         logp, old_logp=old_logp, mask=mask, entropy=entropy, old_entropy=old_entropy,
         rollout_logp=rollout_logp,
     )
-    if cfg.erc is not None and (entropy is None or old_entropy is None):
-        raise ValueError(
-            "ERC is enabled (cfg.erc is set) but entropy/old_entropy were not given: compute "
-            "the full-distribution entropy in both the rollout scoring pass and the training "
-            "forward pass, or set cfg.erc=None."
-        )
-    if cfg.tis_cap is not None and rollout_logp is None:
-        raise ValueError(
-            "Truncated importance sampling is enabled (cfg.tis_cap is set) but rollout_logp "
-            "was not given: pass the inference engine's log-probs, or set cfg.tis_cap=None."
-        )
+    _check_inputs(cfg, logp, entropy, old_entropy, rollout_logp, seed)
     dtype = _compute_dtype(logp)
     mask = mask.bool()
     logp = logp.to(dtype)
@@ -162,26 +178,27 @@ def policy_loss(
     def token_mean(x: Tensor) -> Tensor:
         return (_token_sum(x.detach().to(dtype), mask) / denom).detach()
 
-    log_ratio = (logp - old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    ratio = torch.exp(log_ratio)
-    clipped_low = (adv < 0) & (ratio < 1.0 - cfg.eps_low)
-    clipped_high = (adv > 0) & (ratio > 1.0 + cfg.eps_high)
-    if cfg.surrogate == "clip":
-        bound_low = torch.full_like(ratio, 1.0 - cfg.eps_low)
-        bound_high = torch.full_like(ratio, 1.0 + cfg.eps_high)
-    else:
-        # Value 1, gradient grad(log pi): the clipped token keeps a bounded gradient.
-        straight_through = ratio / ratio.detach()
-        bound_low = cfg.gppo_beta_low * (1.0 - cfg.eps_low) * straight_through
-        bound_high = cfg.gppo_beta_high * (1.0 + cfg.eps_high) * straight_through
-    surrogate_ratio = torch.where(clipped_high, bound_high, ratio)
-    loss_tok = -adv * torch.where(clipped_low, bound_low, surrogate_ratio)
+    weight, clipped_low, clipped_high = surrogate_weights(logp, old_logp, adv, mask, cfg,
+                                                          segment_ids)
+    loss_tok = -adv * weight
 
     dual = torch.zeros_like(mask)
     if cfg.dual_clip is not None:
         dual_bound = -cfg.dual_clip * adv
         dual = (adv < 0) & (loss_tok > dual_bound)
         loss_tok = torch.where(dual, dual_bound, loss_tok)
+
+    keep = mask
+    lr = log_ratio(logp, old_logp)
+    if cfg.regularizer != "none":
+        cov = token_covariance(adv, logp, mask, adv_mean)
+        if cfg.regularizer == "kl_cov":
+            selected = kl_cov_mask(cov, mask, cfg)
+            loss_tok = loss_tok + torch.where(selected, cfg.kl_cov_coef * lr.abs(), 0.0)
+        else:
+            selected = clip_cov_mask(cov, mask, ~(clipped_low | clipped_high), cfg, seed)
+            keep = keep & ~selected
+        metrics["cov/selected_frac"] = token_mean(selected.to(dtype))
 
     if rollout_logp is not None:
         mismatch = (old_logp - rollout_logp.detach().to(dtype)).clamp(
@@ -200,8 +217,7 @@ def policy_loss(
     if entropy is not None and old_entropy is not None:
         rho = entropy_ratio(entropy.to(dtype), old_entropy.to(dtype))
         if cfg.erc is not None:
-            keep = erc_keep_mask(rho, mask, cfg.erc)
-            loss_tok = stop_gradient_outside(loss_tok, keep)
+            keep = keep & erc_keep_mask(rho, mask, cfg.erc)
             dropped_low = token_mean((rho <= cfg.erc.low).to(dtype))
             dropped_high = token_mean((rho >= cfg.erc.high).to(dtype))
         metrics["erc/ratio_mean"] = token_mean(rho)
@@ -211,6 +227,12 @@ def policy_loss(
             RHO_QUANTILE_NAMES, quantiles(rho[mask], RHO_QUANTILES), strict=True
         ):
             metrics[name] = value.detach()
+    if cfg.top_entropy_frac is not None:
+        top = top_entropy_mask(entropy, mask, cfg.top_entropy_frac)
+        keep = keep & top
+        metrics["top_entropy/kept_frac"] = token_mean(top.to(dtype))
+    if keep is not mask:
+        loss_tok = stop_gradient_outside(loss_tok, keep)
 
     metrics["erc/dropped_frac"] = dropped_low + dropped_high
     metrics["erc/dropped_low_frac"] = dropped_low
@@ -218,10 +240,45 @@ def policy_loss(
     metrics["clip/low_frac"] = token_mean(clipped_low.to(dtype))
     metrics["clip/high_frac"] = token_mean(clipped_high.to(dtype))
     metrics["clip/dual_frac"] = token_mean(dual.to(dtype))
-    metrics["kl/approx"] = token_mean(torch.expm1(log_ratio) - log_ratio)
+    metrics["kl/approx"] = token_mean(torch.expm1(lr) - lr)
 
     loss = _token_sum(loss_tok, mask) / denom
+    if cfg.entropy_coef:
+        coef = entropy_bonus_coef(entropy.to(dtype), mask, cfg)
+        loss = loss - coef * _token_sum(entropy.to(dtype), mask) / denom
+        metrics["entropy_bonus/coef"] = token_mean(coef.expand_as(logp))
     return loss, metrics
+
+
+def _check_inputs(cfg: PolicyLossConfig, logp: Tensor, entropy: Tensor | None,
+                  old_entropy: Tensor | None, rollout_logp: Tensor | None,
+                  seed: int | None) -> None:
+    """Inputs the enabled switches need, with what to do when one is missing."""
+    if cfg.erc is not None and (entropy is None or old_entropy is None):
+        raise ValueError(
+            "ERC is enabled (cfg.erc is set) but entropy/old_entropy were not given: compute "
+            "the full-distribution entropy in both the rollout scoring pass and the training "
+            "forward pass, or set cfg.erc=None."
+        )
+    if cfg.tis_cap is not None and rollout_logp is None:
+        raise ValueError(
+            "Truncated importance sampling is enabled (cfg.tis_cap is set) but rollout_logp "
+            "was not given: pass the inference engine's log-probs, or set cfg.tis_cap=None."
+        )
+    for on, what in ((cfg.top_entropy_frac is not None, "80/20 (cfg.top_entropy_frac)"),
+                     (cfg.entropy_coef > 0, "the entropy bonus (cfg.entropy_coef)")):
+        if on and entropy is None:
+            raise ValueError(f"{what} is enabled but entropy was not given: pass the current "
+                             f"policy's full-distribution entropy, or disable it.")
+    if cfg.entropy_coef > 0 and logp.requires_grad and not entropy.requires_grad:
+        raise ValueError(
+            "the entropy bonus (cfg.entropy_coef > 0) needs the entropy's gradient, but "
+            "entropy does not require grad: compute it with "
+            "logprobs_and_entropy(..., entropy_grad=True), or set cfg.entropy_coef=0.")
+    if cfg.regularizer == "clip_cov" and seed is None:
+        raise ValueError(
+            "Clip-Cov (cfg.regularizer='clip_cov') picks tokens at random and needs a seed: "
+            "pass seed= (the same on every rank holding this micro-batch).")
 
 
 def positive_token_mask(mask: Tensor, positive: Tensor) -> Tensor:

@@ -8,7 +8,10 @@ policy-loss forward/backward and an optimizer step. ``sync_engine``: weights -> 
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
+import torch.distributed as dist
 
 from megatron_erc.algorithms import (
     NON_ADDITIVE_METRICS,
@@ -94,21 +97,55 @@ def policy_loss_fn(cfg, actor, mini: list[MicroBatch]):
     positive = {id(mb): positive_token_mask(mb.loss_mask, mb.rewards) for mb in mini}
     pos_tokens = global_token_count(mini, lambda mb: positive[id(mb)], dp_group=dp)
     algo = cfg.algo
+    extra = {}
+    if algo.regularizer != "none":  # the covariance's mean advantage over the mini-batch
+        adv_sum = sum((mb.loss_mask * _per_token(mb.advantages, mb.loss_mask)).sum(
+            dtype=torch.float64) for mb in mini)
+        if dp is not None and dist.get_world_size(dp) > 1:
+            dist.all_reduce(adv_sum, group=dp)
+        extra["adv_mean"] = float(adv_sum) / num_tokens
+    # Clip-Cov's random pick: the same on every TP / PP rank of this micro-batch, different
+    # per optimizer step, DP rank and micro-batch, and reproduced on resume (the scheduler's
+    # step count is checkpointed)
+    seed_base = (cfg.run.seed, actor.lr_scheduler.num_steps, actor.dp_rank)
+    index = {id(mb): i for i, mb in enumerate(mini)}
 
     def loss_fn(logits, mb):
-        logp, ent = actor.logprobs(logits, mb.labels, chunk_mb=algo.logprob_chunk_mb)
+        logp, ent = actor.logprobs(logits, mb.labels, chunk_mb=algo.logprob_chunk_mb,
+                                   **({"entropy_grad": True} if algo.entropy_coef else {}))
         if mb.old_logp is None:  # first mini-batch: no update yet, so the current policy is
             mb.old_logp, mb.old_entropy = logp.detach(), ent.detach()  # the old one
         loss, m = policy_loss(
             logp, mb.old_logp, mb.advantages, mb.loss_mask, cfg=algo, entropy=ent,
             old_entropy=mb.old_entropy, rollout_logp=mb.rollout_logp if algo.tis_cap else None,
-            num_tokens=num_tokens)
+            num_tokens=num_tokens, segment_ids=segment_ids(mb),
+            seed=_seed(*seed_base, index[id(mb)]), **extra)
         if algo.pos_nll_coef:
             loss = loss + algo.pos_nll_coef * positive_nll(
                 logp, mb.loss_mask, mb.rewards, num_tokens=pos_tokens)
         return loss, {**m, "loss": loss.detach()}
 
     return loss_fn
+
+
+def segment_ids(mb: MicroBatch) -> torch.Tensor | None:
+    """``[1, s]`` index of the packed sequence each position belongs to (GSPO's sequence
+    ratio); None for one sequence per row."""
+    if mb.cu_seqlens is None:
+        return None
+    s = mb.tokens.shape[-1]
+    positions = torch.arange(s, device=mb.cu_seqlens.device)
+    return (torch.searchsorted(mb.cu_seqlens[1:].long(), positions, right=True))[None]
+
+
+def _per_token(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return x if x.shape == like.shape else x.unsqueeze(-1).expand_as(like)
+
+
+def _seed(*parts: int) -> int:
+    """A 63-bit seed from integers, the same in every process (``hash`` of a str is not)."""
+    digest = hashlib.blake2b(repr(tuple(int(p) for p in parts)).encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "little") >> 1
 
 
 def update(cfg, actor, mini: list[MicroBatch]) -> dict:
