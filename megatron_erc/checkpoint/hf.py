@@ -51,6 +51,7 @@ from megatron_erc.models.hf_adapter import (
     iter_hf_weights,
     load_hf_weights,
 )
+from megatron_erc.models.moe import is_moe
 from megatron_erc.platform.spawn import RankFailure, run_ranks
 
 
@@ -178,10 +179,14 @@ def _import_rank(hf_dir: str, out: str, tp: int, pp: int, pad_vocab_multiple: in
     from transformers import AutoConfig
 
     platform.setup()
-    platform.init_model_parallel(tp, pp, seed=0)
+    platform.init_model_parallel(tp, pp, seed=0, expert_tensor_parallel_size=1)
     hf_config = AutoConfig.from_pretrained(hf_dir)
+    # Sequence parallelism leaves every parameter's layout as it is; megatron's MoE layer
+    # refuses TP without it. Experts are saved whole per rank (etp=1, ep=1), each sharded
+    # tensor under its global expert index.
     parallel = ParallelConfig(tp=tp, pp=pp, pad_vocab_multiple=pad_vocab_multiple,
-                              params_dtype=params_dtype)
+                              params_dtype=params_dtype, etp=1,
+                              sequence_parallel=tp > 1 and is_moe(hf_config))
     chunks = build_model_chunks(hf_config, parallel)
     _log(f"reading {hf_dir} into {tp * pp} ranks (tp={tp}, pp={pp})")
     load_hf_weights(chunks, SafetensorsReader(hf_dir).get, hf_config,

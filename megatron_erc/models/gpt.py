@@ -19,6 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from megatron_erc.models.moe import LOAD_BALANCING_TYPES, is_moe, moe_transformer_kwargs
 from megatron_erc.models.support import (
     check_supported,
     has_qk_norm,
@@ -66,6 +67,21 @@ class ParallelConfig:
     """With ``recompute="full"``: how many transformer layers of each pipeline stage (of each
     virtual stage with ``vpp``) are recomputed, counted from the stage's first layer; the
     others keep their activations (megatron's ``recompute_method="block"``). None = all."""
+    ep: int = 1
+    """Expert-parallel size (MoE models): each sparse layer's experts are split over ``ep``
+    ranks, tokens reach them through megatron's all-to-all dispatcher. Carved out of the
+    data-parallel ranks: ``ep`` must divide ``world / (tp * pp)`` (and the experts)."""
+    etp: int | None = None
+    """Expert tensor-parallel size: each expert's MLP is sharded over ``etp`` ranks.
+    None = ``tp`` (megatron's default); 1 keeps every expert whole on its rank."""
+    moe_load_balancing: str = "aux_loss"
+    """MoE load-balancing loss: ``aux_loss`` (Switch-style, per micro-batch), ``seq_aux_loss``
+    (per sequence) or ``none``; logged as ``moe/aux_loss``."""
+    moe_aux_loss_coeff: float | None = None
+    """Coefficient of the load-balancing loss; None = the HF config's
+    ``router_aux_loss_coef``. 0 turns the loss off."""
+    moe_z_loss_coeff: float = 0.0
+    """Coefficient of the router z-loss (``mean(logsumexp(router logits)^2)``); 0 = off."""
 
     def __post_init__(self):
         for name in ("tp", "pp", "pad_vocab_multiple"):
@@ -85,6 +101,16 @@ class ParallelConfig:
         if self.recompute not in RECOMPUTE_CHOICES:
             raise ValueError(f"parallel.recompute must be one of {', '.join(RECOMPUTE_CHOICES)}, "
                              f"got {self.recompute!r}")
+        if self.ep < 1 or (self.etp is not None and self.etp < 1):
+            raise ValueError(f"parallel.ep and parallel.etp must be >= 1, got ep={self.ep}, "
+                             f"etp={self.etp}")
+        if self.moe_load_balancing not in LOAD_BALANCING_TYPES:
+            raise ValueError(f"parallel.moe_load_balancing must be one of "
+                             f"{', '.join(LOAD_BALANCING_TYPES)}, got {self.moe_load_balancing!r}")
+        for name in ("moe_aux_loss_coeff", "moe_z_loss_coeff"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"parallel.{name} must be >= 0, got {value}")
         if self.recompute_layers is not None:
             if self.recompute != "full":
                 raise ValueError(
@@ -168,27 +194,48 @@ def transformer_config_from_hf(hf_config, parallel: ParallelConfig, *, platform=
         init_method_std=float(hf_field(hf_config, "initializer_range", 0.02)),
         **parallel.recompute_kwargs(layers // stages),
     )
+    if is_moe(hf_config):
+        if parallel.tp > 1 and not parallel.sequence_parallel:
+            raise ValueError(f"a MoE model at parallel.tp={parallel.tp} needs "
+                             "parallel.sequence_parallel=true (megatron-core's MoE layer "
+                             "refuses tensor parallelism without it in training)")
+        kwargs.update(moe_transformer_kwargs(hf_config, parallel))
+    elif parallel.ep > 1:
+        raise ValueError(f"parallel.ep={parallel.ep} needs a MoE model; "
+                         f"{hf_config.model_type} has no experts: set parallel.ep=1")
     kwargs = adapt_transformer_kwargs({**kwargs, **overrides}, platform)
     return adapt_parallel_config(TransformerConfig(**kwargs), platform)
 
 
-def layer_spec(config):
+def layer_spec(config, vp_stage: int | None = None):
     """Transformer Engine's layer spec when TE is importable, megatron's local spec otherwise
     (with ``CausalGroupedAttention`` as its core attention); q/k norms per
-    ``config.qk_layernorm``."""
+    ``config.qk_layernorm``. MoE models get megatron's block spec for this (virtual) pipeline
+    stage: an MoE or a dense layer spec per layer, as ``config.moe_layer_freq`` says."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     try:
         import transformer_engine  # noqa: F401
+        use_te = True
     except ImportError:
-        from megatron_erc.models.causal_attention import CausalGroupedAttention
-
+        use_te = False
+    if config.num_moe_experts:
+        spec = gpt_layer_specs.get_gpt_decoder_block_spec(
+            config, use_transformer_engine=use_te, normalization="RMSNorm", vp_stage=vp_stage)
+        layers = spec.layer_specs
+    elif use_te:
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            qk_layernorm=config.qk_layernorm)
+    else:
         spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm",
                                                         qk_layernorm=config.qk_layernorm)
-        spec.submodules.self_attention.submodules.core_attention = CausalGroupedAttention
-        return spec
-    return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
-        qk_layernorm=config.qk_layernorm)
+        layers = [spec]
+    if not use_te:
+        from megatron_erc.models.causal_attention import CausalGroupedAttention
+
+        for layer in layers:  # the dense and the MoE spec objects, each patched once is enough
+            layer.submodules.self_attention.submodules.core_attention = CausalGroupedAttention
+    return spec
 
 
 def build_gpt_model(hf_config, parallel: ParallelConfig, *, pre_process: bool = True,
@@ -201,7 +248,7 @@ def build_gpt_model(hf_config, parallel: ParallelConfig, *, pre_process: bool = 
     vocab = padded_vocab_size(hf_config.vocab_size, parallel.tp, parallel.pad_vocab_multiple)
     return GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(config),
+        transformer_layer_spec=layer_spec(config, vp_stage),
         vocab_size=vocab,
         max_sequence_length=int(hf_field(hf_config, "max_position_embeddings", 4096)),
         pre_process=pre_process,

@@ -13,6 +13,9 @@ HF                                                    megatron full layout
 ``post_attention_layernorm.weight``                   ``pre_mlp_layernorm.weight``
 ``mlp.{gate,up}_proj.weight``                         ``mlp.linear_fc1.weight`` = ``[gate; up]``
 ``mlp.down_proj.weight``                              ``mlp.linear_fc2.weight``
+``mlp.gate.weight`` ``[E, H]`` (MoE layers)           ``mlp.router.weight``
+``mlp.experts.{e}.{gate,up}_proj.weight``             ``mlp.experts.local_experts.{e}.linear_fc1``
+``mlp.experts.{e}.down_proj.weight``                  ``mlp.experts.local_experts.{e}.linear_fc2``
 ``model.norm.weight``                                 ``decoder.final_layernorm.weight``
 ``lm_head.weight`` (absent when tied)                 ``output_layer.weight`` (absent when tied)
 ====================================================  =========================================
@@ -23,9 +26,13 @@ head ``head_dim`` rows; so a plain TP chunk of the rows is a whole number of gro
 Transformer Engine's fused-norm names (``linear_qkv.layer_norm_weight``,
 ``linear_fc1.layer_norm_weight``) are accepted as aliases of the two layer norms.
 
-The *full layout* (see ``sharding``) holds the true vocabulary; padded rows are trimmed on
-export. Every tensor is checked against the shape the HF config implies, and a mismatch
-raises ``ValueError`` naming the tensor.
+MoE experts use the per-expert names of saved checkpoints (what ``save_pretrained`` writes
+and vLLM loads), not transformers 5's in-memory fused ``experts.gate_up_proj``; an EP rank
+holds the experts of its ``local_expert_indices``. The *full layout* (see ``sharding``)
+holds the true vocabulary and every expert; padded rows are trimmed on export.
+
+Every tensor is checked against the shape the HF config implies, and a mismatch raises
+``ValueError`` naming the tensor.
 """
 
 from __future__ import annotations
@@ -38,7 +45,14 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 import torch.distributed as dist
 
-from megatron_erc.models.sharding import global_names, tp_slice
+from megatron_erc.models.moe import is_moe, num_experts, sparse_layers
+from megatron_erc.models.sharding import (
+    expert_groups,
+    global_names,
+    group_coords,
+    shard_coords,
+    tp_slice,
+)
 from megatron_erc.models.support import (
     check_supported,
     has_qk_norm,
@@ -62,7 +76,9 @@ _LAYER_MAP = {
     "mlp.linear_fc1.layer_norm_weight": ("post_attention_layernorm.weight",),
     "mlp.linear_fc1.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
     "mlp.linear_fc2.weight": ("mlp.down_proj.weight",),
+    "mlp.router.weight": ("mlp.gate.weight",),
 }
+_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.linear_fc([12])\.weight$")
 _TE_ALIASES = ("self_attention.linear_qkv.layer_norm_weight", "mlp.linear_fc1.layer_norm_weight")
 _GLOBAL_MAP = {
     "embedding.word_embeddings.weight": ("model.embed_tokens.weight",),
@@ -93,6 +109,10 @@ class HFLayout:
     qkv_bias: bool
     tied: bool
     qk_norm: bool = False
+    experts: int = 0
+    moe_ffn: int = 0
+    sparse: tuple[bool, ...] = ()
+    """Per layer: a routed-experts MoE block (True) or a dense MLP."""
 
     @classmethod
     def from_config(cls, hf_config) -> HFLayout:
@@ -103,7 +123,14 @@ class HFLayout:
                    heads=heads, groups=hf_field(hf_config, "num_key_value_heads", heads),
                    head_dim=head_dim(hf_config), qkv_bias=has_qkv_bias(hf_config),
                    tied=bool(hf_field(hf_config, "tie_word_embeddings", False)),
-                   qk_norm=has_qk_norm(hf_config))
+                   qk_norm=has_qk_norm(hf_config),
+                   **(dict(experts=num_experts(hf_config),
+                           moe_ffn=int(hf_config.moe_intermediate_size),
+                           sparse=tuple(sparse_layers(hf_config)))
+                      if is_moe(hf_config) else {}))
+
+    def is_sparse(self, layer: int) -> bool:
+        return bool(self.sparse) and self.sparse[layer]
 
     def hf_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every HF tensor the model has, with its shape, in HF's order."""
@@ -122,9 +149,16 @@ class HFLayout:
             if self.qk_norm:
                 shapes[p + "self_attn.q_norm.weight"] = (self.head_dim,)
                 shapes[p + "self_attn.k_norm.weight"] = (self.head_dim,)
-            shapes[p + "mlp.gate_proj.weight"] = (self.ffn, h)
-            shapes[p + "mlp.up_proj.weight"] = (self.ffn, h)
-            shapes[p + "mlp.down_proj.weight"] = (h, self.ffn)
+            if self.is_sparse(i):
+                shapes[p + "mlp.gate.weight"] = (self.experts, h)
+                for e in range(self.experts):
+                    shapes[p + f"mlp.experts.{e}.gate_proj.weight"] = (self.moe_ffn, h)
+                    shapes[p + f"mlp.experts.{e}.up_proj.weight"] = (self.moe_ffn, h)
+                    shapes[p + f"mlp.experts.{e}.down_proj.weight"] = (h, self.moe_ffn)
+            else:
+                shapes[p + "mlp.gate_proj.weight"] = (self.ffn, h)
+                shapes[p + "mlp.up_proj.weight"] = (self.ffn, h)
+                shapes[p + "mlp.down_proj.weight"] = (h, self.ffn)
             shapes[p + "input_layernorm.weight"] = (h,)
             shapes[p + "post_attention_layernorm.weight"] = (h,)
         shapes["model.norm.weight"] = (h,)
@@ -139,10 +173,13 @@ class HFLayout:
         per_layer += ["self_attention.linear_qkv.bias"] if self.qkv_bias else []
         per_layer += (["self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight"]
                       if self.qk_norm else [])
-        per_layer += ["pre_mlp_layernorm.weight", "mlp.linear_fc1.weight",
-                      "mlp.linear_fc2.weight"]
+        per_layer += ["pre_mlp_layernorm.weight"]
+        dense = ["mlp.linear_fc1.weight", "mlp.linear_fc2.weight"]
+        sparse = ["mlp.router.weight"] + [f"mlp.experts.local_experts.{e}.linear_fc{k}.weight"
+                                          for e in range(self.experts) for k in (1, 2)]
         names = ["embedding.word_embeddings.weight"]
-        names += [f"decoder.layers.{i}.{s}" for i in range(self.layers) for s in per_layer]
+        names += [f"decoder.layers.{i}.{s}" for i in range(self.layers)
+                  for s in per_layer + (sparse if self.is_sparse(i) else dense)]
         names += ["decoder.final_layernorm.weight"]
         return names + ([] if self.tied else ["output_layer.weight"])
 
@@ -169,6 +206,10 @@ def hf_sources(name: str, layout: HFLayout) -> tuple[str, ...]:
     m = _LAYER.match(name)
     if m:
         suffixes = _LAYER_MAP.get(m.group(2))
+        if (e := _EXPERT.match(m.group(2))) is not None:
+            p = f"mlp.experts.{e.group(1)}."
+            suffixes = ((p + "gate_proj.weight", p + "up_proj.weight") if e.group(2) == "1"
+                        else (p + "down_proj.weight",))
         if suffixes is None:
             raise KeyError(f"{name}: no HF counterpart is known")
         return tuple(_HF_LAYER.format(m.group(1)) + s for s in suffixes)
@@ -190,7 +231,7 @@ def hf_to_megatron_tensor(name: str, tensors: list[torch.Tensor],
         rest = q.shape[1:]
         return torch.cat([q.reshape(ng, -1, *rest), k.reshape(ng, d, *rest),
                           v.reshape(ng, d, *rest)], dim=1).reshape(-1, *rest)
-    if name.endswith("mlp.linear_fc1.weight"):
+    if name.endswith("linear_fc1.weight"):  # dense or expert: [gate; up]
         return torch.cat(tensors, dim=0)
     (t,) = tensors
     return t
@@ -218,7 +259,7 @@ def megatron_to_hf_tensors(name: str, tensor: torch.Tensor,
                              f"of q + k + v heads of size {d}")
         q, k, v = per_group.split([q_rows, d, d], dim=1)
         parts = [q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)]
-    elif name.endswith("mlp.linear_fc1.weight"):
+    elif name.endswith("linear_fc1.weight"):
         parts = list(tensor.chunk(2, dim=0))
     else:
         parts = [tensor]
@@ -286,7 +327,7 @@ def _gather_tp(name: str, param: torch.Tensor, config, tp_group) -> torch.Tensor
         return param.detach()
     shards = [torch.empty_like(param) for _ in range(world)]
     dist.all_gather(shards, param.detach().contiguous(), group=tp_group)
-    if config.gated_linear_unit and name.endswith("mlp.linear_fc1.weight"):
+    if config.gated_linear_unit and name.endswith("linear_fc1.weight"):
         # rank r holds [gate_r; up_r]; the full layout is [gate; up]
         gates, ups = zip(*(s.chunk(2, dim=0) for s in shards), strict=True)
         return torch.cat(gates + ups, dim=0)
@@ -294,9 +335,10 @@ def _gather_tp(name: str, param: torch.Tensor, config, tp_group) -> torch.Tensor
 
 
 @torch.no_grad()
-def _global_params(model_chunks) -> Iterator[tuple[torch.nn.Module, str, torch.Tensor]]:
-    """``(GPTModel, global local-spec name, parameter)`` of every parameter of the chunks:
-    layer indices made global across pipeline stages, TE suffixes mapped to local ones."""
+def _global_params(model_chunks) -> Iterator[tuple[torch.nn.Module, str, str, torch.Tensor]]:
+    """``(GPTModel, local name, global local-spec name, parameter)`` of every parameter of
+    the chunks: layer and expert indices made global across pipeline stages and expert-
+    parallel ranks, TE suffixes mapped to local ones."""
     for chunk in model_chunks:
         module = _unwrap(chunk)
         names = global_names(module)
@@ -305,7 +347,23 @@ def _global_params(model_chunks) -> Iterator[tuple[torch.nn.Module, str, torch.T
             m = _LAYER.match(gname)
             if m and (local_suffix := _te_to_local(m.group(2))):
                 gname = f"decoder.layers.{m.group(1)}.{local_suffix}"
-            yield module, gname, param
+            yield module, local, gname, param
+
+
+def _expert_shards(gname: str, full: torch.Tensor, ep_group,
+                   n_local: int) -> list[tuple[str, torch.Tensor]]:
+    """One expert weight of every EP rank: ``[(full-layout name, tensor)]`` for local expert
+    ``j`` of ranks ``0..ep-1`` (all_gather over ``ep_group``)."""
+    ep_rank, ep_size = group_coords(ep_group)
+    if ep_size == 1:
+        return [(gname, full)]
+    shards = [torch.empty_like(full) for _ in range(ep_size)]
+    dist.all_gather(shards, full.contiguous(), group=ep_group)
+    m = _LAYER.match(gname)
+    e = _EXPERT.match(m.group(2))
+    local = int(e.group(1)) - ep_rank * n_local
+    return [(f"decoder.layers.{m.group(1)}.mlp.experts.local_experts.{r * n_local + local}"
+             f".linear_fc{e.group(2)}.weight", t) for r, t in enumerate(shards)]
 
 
 def iter_hf_weights(model_chunks, hf_config,
@@ -313,24 +371,33 @@ def iter_hf_weights(model_chunks, hf_config,
     """Stream this pipeline stage's weights as full HF tensors, one parameter at a time.
 
     ``model_chunks``: this rank's chunks (one per virtual stage; DDP/Float16 wrappers are
-    unwrapped). Each TP-sharded parameter is all-gathered over ``tp_group`` (None: no TP),
-    so **every rank of the TP group must iterate in lockstep** (same order, to the end or
-    to the same point); every TP rank then receives the same full tensors and the caller
-    chooses who consumes them (e.g. TP-rank 0 only). No pipeline communication happens:
-    each PP stage yields its own layers (global indices), the first stage also the
-    embedding, the last the final norm and ``lm_head`` (a tied model's last-stage copy of
-    the embedding is skipped, HF has none). Concatenating all stages' outputs gives every
-    HF tensor exactly once.
+    unwrapped). Each TP-sharded parameter is all-gathered over ``tp_group`` (None: no TP);
+    each expert weight over its layer's expert-TP group, then over the expert-parallel
+    group (every EP rank then yields every expert). So **every rank of the TP and EP groups
+    must iterate in lockstep** (same order, to the end or to the same point); they then
+    receive the same full tensors and the caller chooses who consumes them (e.g. TP-rank 0
+    only). No pipeline communication happens: each PP stage yields its own layers (global
+    indices), the first stage also the embedding, the last the final norm and ``lm_head``
+    (a tied model's last-stage copy of the embedding is skipped, HF has none).
+    Concatenating all stages' outputs gives every HF tensor exactly once.
 
     Tensors that need no gathering or fusing are views of the live parameters: copy them
-    if they must outlive the next optimizer step. Peak extra memory: one full parameter.
+    if they must outlive the next optimizer step. Peak extra memory: one full parameter
+    (``ep`` of them for an expert weight).
     """
     layout = HFLayout.from_config(hf_config)
-    for module, gname, param in _global_params(model_chunks):
+    for module, local, gname, param in _global_params(model_chunks):
         if gname == "output_layer.weight" and layout.tied:
             continue
-        full = _gather_tp(gname, param, module.config, tp_group)
-        yield from megatron_to_hf_tensors(gname, full, layout)
+        groups = expert_groups(module, local)
+        if groups is None:
+            full = _gather_tp(gname, param, module.config, tp_group)
+            yield from megatron_to_hf_tensors(gname, full, layout)
+            continue
+        experts, etp_group, ep_group = groups
+        full = _gather_tp(gname, param, module.config, etp_group)
+        for name, tensor in _expert_shards(gname, full, ep_group, experts.num_local_experts):
+            yield from megatron_to_hf_tensors(name, tensor, layout)
 
 
 @torch.no_grad()
@@ -339,11 +406,13 @@ def load_hf_weights(model_chunks, get_hf_tensor: Callable[[str], torch.Tensor], 
     """Copy HF weights into this rank's chunks, reading only the tensors the rank needs.
 
     ``get_hf_tensor(hf_name)`` returns one full HF tensor (e.g. from ``safe_open``); each is
-    fused to the full layout, then this rank's TP slice (vocab zero-padded) is copied in.
-    Peak extra memory: one full fused tensor. No communication.
+    fused to the full layout, then this rank's TP slice (vocab zero-padded) is copied in;
+    an expert-parallel rank reads only its own experts, each sliced over its expert TP
+    group. Peak extra memory: one full fused tensor. No communication.
     """
     layout = HFLayout.from_config(hf_config)
-    for module, gname, param in _global_params(model_chunks):
+    for module, local, gname, param in _global_params(model_chunks):
         srcs = hf_sources(gname, layout)
         full = hf_to_megatron_tensor(gname, [get_hf_tensor(s) for s in srcs], layout)
-        param.copy_(tp_slice(gname, full, param, module.config, tp_rank, tp_size))
+        rank, size = shard_coords(module, local, tp_rank, tp_size)  # expert TP for experts
+        param.copy_(tp_slice(gname, full, param, module.config, rank, size))

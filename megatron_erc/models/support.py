@@ -5,6 +5,7 @@ gated MLP without bias, no Llama/Qwen3 attention bias (HF then biases ``o_proj``
 which megatron's ``add_qkv_bias`` does not cover) and no sliding window. Qwen3 adds a
 per-head RMSNorm of queries and keys before RoPE (megatron's ``qk_layernorm``) and an
 explicit ``head_dim`` that need not be ``hidden_size / heads`` (``kv_channels``).
+Qwen3-MoE is Qwen3 with routed experts (``models/moe.py``).
 
 The Megatron model builder, the HF <-> Megatron weight adapter, the embedded engine's lean
 decode loop (Llama/Qwen2 only) and the checks at start all ask :func:`unsupported`, which
@@ -16,8 +17,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
-_QK_NORM_TYPES = ("qwen3",)
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe")
+_QK_NORM_TYPES = ("qwen3", "qwen3_moe")
 
 
 class UnsupportedModelError(ValueError):
@@ -88,7 +89,9 @@ def unsupported(config) -> str | None:
         return f"{model_type} attention_bias=True (biased o_proj) is not supported"
     if hf_field(config, "use_sliding_window", False):
         return "use_sliding_window=True is not supported (attention is over the whole sequence)"
-    return None
+    from megatron_erc.models.moe import is_moe, moe_unsupported  # moe.py reads hf_field
+
+    return moe_unsupported(config) if is_moe(config) else None
 
 
 def check_supported(config) -> None:

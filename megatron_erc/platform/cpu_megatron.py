@@ -16,6 +16,14 @@ touched and no megatron-core module is copied:
 5. The local spec's torch norm wrapper refuses sequence parallelism; it is allowed, with the
    norm parameters marked ``sequence_parallel`` so ``finalize_model_grads`` sums their
    gradients across the TP group.
+6. MoE all-to-all split sizes: the token dispatcher converts them to numpy only when they are
+   CUDA tensors (``moe_utils.maybe_move_tensor_to_cpu``); on CPU they stay tensors, which
+   ``all_to_all_single`` refuses. The CPU tensors are converted the same way.
+7. Uneven gathers and reduce-scatters along the first dimension (the MoE dispatcher over an
+   expert tensor-parallel group, ``output_split_sizes`` / ``input_split_sizes``): gloo's
+   ``all_gather`` needs equal sizes and it has no ``reduce_scatter``. The uneven cases are
+   computed as a padded all-gather and as an all-reduce followed by this rank's slice; the
+   even ones are megatron's own.
 
 Replacements accept any arguments (``*args, **kwargs``) and wrappers pass them through
 unchanged; the parameters a patch reads are checked when it is applied, so a signature change
@@ -66,6 +74,8 @@ def apply() -> None:
         _patch_cuda_namespace()
         _patch_rng_tracker()
         _patch_torch_norm()
+        _patch_moe_split_sizes()
+        _patch_uneven_first_dim_collectives()
         _mode = _CpuDeviceMode()
         _mode.__enter__()  # process-wide on purpose: megatron allocates from many places
         _applied = True
@@ -185,6 +195,61 @@ def _patch_torch_norm() -> None:
         return norm
 
     wrapped.__new__ = staticmethod(new)
+
+
+# --- 6: MoE all-to-all split sizes ---------------------------------------------------------
+
+def _patch_moe_split_sizes() -> None:
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    original = _require(moe_utils, "maybe_move_tensor_to_cpu")
+    _require(token_dispatcher, "maybe_move_tensor_to_cpu")  # imported by name there
+    signature = _require_params(original, "tensor", "as_numpy")
+
+    def move(*args, **kwargs):
+        out = original(*args, **kwargs)
+        as_numpy = signature.bind(*args, **kwargs).arguments.get("as_numpy", False)
+        return out.numpy() if as_numpy and torch.is_tensor(out) else out
+
+    moe_utils.maybe_move_tensor_to_cpu = move
+    token_dispatcher.maybe_move_tensor_to_cpu = move
+
+
+# --- 7: uneven first-dimension gathers / reduce-scatters over gloo ---------------------------
+
+def _patch_uneven_first_dim_collectives() -> None:
+    from megatron.core.tensor_parallel import mappings
+
+    gather = _require(mappings, "_gather_along_first_dim")
+    reduce_scatter = _require(mappings, "_reduce_scatter_along_first_dim")
+    gather_sig = _require_params(gather, "input_", "group", "output_split_sizes")
+    scatter_sig = _require_params(reduce_scatter, "input_", "group", "input_split_sizes")
+
+    def uneven_gather(*args, **kwargs):
+        a = gather_sig.bind(*args, **kwargs).arguments
+        sizes, group, x = a.get("output_split_sizes"), a["group"], a["input_"]
+        if sizes is None or group.size() == 1:
+            return gather(*args, **kwargs)
+        sizes = [int(n) for n in sizes]
+        padded = x.new_zeros((max(sizes), *x.shape[1:]))
+        padded[: x.shape[0]] = x
+        parts = [torch.empty_like(padded) for _ in sizes]
+        torch.distributed.all_gather(parts, padded, group=group)
+        return torch.cat([part[:n] for part, n in zip(parts, sizes, strict=True)])
+
+    def uneven_reduce_scatter(*args, **kwargs):
+        a = scatter_sig.bind(*args, **kwargs).arguments
+        sizes, group, x = a.get("input_split_sizes"), a["group"], a["input_"]
+        if sizes is None or group.size() == 1:
+            return reduce_scatter(*args, **kwargs)
+        total = x.contiguous().clone()
+        torch.distributed.all_reduce(total, group=group)
+        sizes = [int(n) for n in sizes]
+        start = sum(sizes[: group.rank()])
+        return total[start : start + sizes[group.rank()]].contiguous()
+
+    mappings._gather_along_first_dim = uneven_gather
+    mappings._reduce_scatter_along_first_dim = uneven_reduce_scatter
 
 
 def _require_params(fn, *names: str) -> inspect.Signature:

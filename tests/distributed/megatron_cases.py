@@ -74,11 +74,13 @@ def run_case(rank: int, world: int, hf_dict: dict, par: dict, reference: dict | 
     if apply_platform:
         platform.setup()
     tp, pp, vpp = par.get("tp", 1), par.get("pp", 1), par.get("vpp")
+    ep, etp = par.get("ep", 1), par.get("etp")  # MoE: experts over ep ranks, each over etp
     dp = world // (tp * pp)
-    platform.init_model_parallel(tp, pp, vpp, seed=1234)
+    platform.init_model_parallel(tp, pp, vpp, seed=1234, expert_model_parallel_size=ep,
+                                 expert_tensor_parallel_size=etp or tp)
     hf_config = _hf_config(hf_dict)
     vocab = hf_config.vocab_size
-    parallel = ParallelConfig(tp=tp, pp=pp, vpp=vpp, pad_vocab_multiple=1,
+    parallel = ParallelConfig(tp=tp, pp=pp, vpp=vpp, pad_vocab_multiple=1, ep=ep, etp=etp,
                               sequence_parallel=par.get("sp", False))
     chunks = build_model_chunks(hf_config, parallel)
     if not adapt_p2p:  # megatron's default p2p settings, as without the platform layer

@@ -40,7 +40,13 @@ def make_hf_model(kind: str, seed: int = 0):
     )
 
     torch.manual_seed(seed)
-    if kind == "qwen3":
+    if kind == "qwen3_moe":
+        from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(
+            **TINY, head_dim=48, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+            mlp_only_layers=[1], norm_topk_prob=False, attn_implementation="eager"))
+    elif kind == "qwen3":
         model = Qwen3ForCausalLM(Qwen3Config(**TINY, head_dim=48, tie_word_embeddings=True,
                                              attn_implementation="eager"))
     elif kind == "qwen2":
@@ -53,6 +59,26 @@ def make_hf_model(kind: str, seed: int = 0):
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
     return model.eval()
+
+
+def checkpoint_state(model) -> dict[str, torch.Tensor]:
+    """The HF tensors as a saved checkpoint names them: transformers 5 fuses a MoE layer's
+    experts in memory (``experts.gate_up_proj``) and writes them per expert, as the hub's
+    checkpoints and vLLM have them; ``save_pretrained`` is the reference for that mapping."""
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    if not hasattr(model.config, "num_experts"):
+        return model.state_dict()
+    state = [None]
+    if not dist.is_initialized() or dist.get_rank() == 0:  # transformers saves on rank 0 only
+        with tempfile.TemporaryDirectory() as d:
+            model.save_pretrained(d)
+            state[0] = load_file(f"{d}/model.safetensors")
+    if dist.is_initialized():
+        dist.broadcast_object_list(state, src=0)
+    return state[0]
 
 
 def make_tokens(vocab: int) -> torch.Tensor:
@@ -88,9 +114,10 @@ def _megatron_logits(chunks, tokens: torch.Tensor, vocab: int) -> torch.Tensor |
     return outputs[0]["logits"] if ps.is_pipeline_last_stage() else None
 
 
-def adapter_cases(rank: int, world: int, cases: list[tuple[str, int, int]]) -> dict:
-    """For each ``(model kind, tp, pp)``: logits error vs transformers and whether
-    ``iter_hf_weights`` gives back the HF state bit-exactly (gathered over PP with objects)."""
+def adapter_cases(rank: int, world: int, cases: list[tuple]) -> dict:
+    """For each ``(model kind, tp, pp[, ep])``: logits error vs transformers and whether
+    ``iter_hf_weights`` gives back the HF state bit-exactly (gathered over PP with objects).
+    MoE models run with sequence parallelism at tp > 1 (megatron's MoE layer needs it)."""
     from megatron.core import parallel_state as ps
 
     from megatron_erc import platform
@@ -99,15 +126,20 @@ def adapter_cases(rank: int, world: int, cases: list[tuple[str, int, int]]) -> d
 
     platform.setup()
     results = {}
-    for kind, tp, pp in cases:
+    for kind, tp, pp, *ep in cases:
+        ep = ep[0] if ep else 1
         hf = make_hf_model(kind)
-        hf_sd = hf.state_dict()
+        hf_sd = checkpoint_state(hf)
         tokens = make_tokens(hf.config.vocab_size)
         with torch.no_grad():
             expected = hf(tokens).logits
-        platform.init_model_parallel(tp, pp, seed=1234)
+        etp = 1 if ep > 1 else tp  # EP=2 with TP=2 in two ranks: experts whole per rank
+        platform.init_model_parallel(tp, pp, seed=1234, expert_model_parallel_size=ep,
+                                     expert_tensor_parallel_size=etp)
         try:
-            chunks = build_model_chunks(hf.config, ParallelConfig(tp=tp, pp=pp))
+            sp = tp > 1 and kind == "qwen3_moe"
+            chunks = build_model_chunks(hf.config, ParallelConfig(
+                tp=tp, pp=pp, ep=ep, etp=etp, sequence_parallel=sp))
             tp_rank = ps.get_tensor_model_parallel_rank()
             load_hf_weights(chunks, hf_sd.__getitem__, hf.config, tp_rank, tp)
             with torch.no_grad():
@@ -126,15 +158,20 @@ def adapter_cases(rank: int, world: int, cases: list[tuple[str, int, int]]) -> d
                 if not (hf.config.tie_word_embeddings and k == "lm_head.weight")}
         mismatched = sorted(k for k in want if k not in exported
                             or not torch.equal(exported[k], want[k]))
-        results[f"{kind}-tp{tp}-pp{pp}"] = {
+        results[case_id(kind, tp, pp, ep)] = {
             "logits_err": None if logits is None else _rel_err(logits, expected),
             "round_trip_mismatches": mismatched + sorted(exported.keys() - want.keys()),
         }
     return results
 
 
-CASES = [(kind, tp, pp) for kind in ("qwen2", "llama_tied", "llama_untied", "qwen3")
-         for tp, pp in ((1, 1), (2, 1), (1, 2))]
+def case_id(kind: str, tp: int, pp: int, ep: int = 1) -> str:
+    return f"{kind}-tp{tp}-pp{pp}" + (f"-ep{ep}" if ep > 1 else "")
+
+
+CASES = [(kind, tp, pp) for kind in ("qwen2", "llama_tied", "llama_untied", "qwen3",
+                                     "qwen3_moe") for tp, pp in ((1, 1), (2, 1), (1, 2))]
+CASES += [("qwen3_moe", 1, 1, 2), ("qwen3_moe", 2, 1, 2)]  # experts over 2 EP ranks
 
 
 @functools.cache
@@ -149,7 +186,7 @@ def adapter_results() -> dict:
     return merged
 
 
-@pytest.mark.parametrize("case", [f"{k}-tp{t}-pp{p}" for k, t, p in CASES])
+@pytest.mark.parametrize("case", [case_id(*c) for c in CASES])
 def test_megatron_logits_match_transformers(case):
     errs = adapter_results()[case]["logits_err"]
     assert errs, f"{case}: no rank reported logits"
@@ -157,7 +194,7 @@ def test_megatron_logits_match_transformers(case):
     assert max(errs) < TOL, f"{case}: relative logits error {max(errs):.2e}"
 
 
-@pytest.mark.parametrize("case", [f"{k}-tp{t}-pp{p}" for k, t, p in CASES])
+@pytest.mark.parametrize("case", [case_id(*c) for c in CASES])
 def test_hf_megatron_hf_is_bit_exact(case):
     assert not adapter_results()[case]["round_trip_mismatches"]
 
@@ -170,8 +207,8 @@ def _cli(*argv: str) -> int:
 
 
 @pytest.fixture(scope="module", params=[("qwen2", "--tp", "2"), ("llama_tied", "--pp", "2"),
-                                        ("qwen3", "--tp", "2")],
-                ids=["qwen2-tp2", "llama_tied-pp2", "qwen3-tp2"])
+                                        ("qwen3_moe", "--tp", "2")],
+                ids=["qwen2-tp2", "llama_tied-pp2", "qwen3_moe-tp2"])
 def cli_round_trip(request, tmp_path_factory):
     """HF dir -> megatron checkpoint (TP=2 or PP=2) -> HF dir, through the CLI."""
     kind, *layout = request.param

@@ -25,7 +25,13 @@ TIED_LLAMA.pop("rope_theta")
 TINY_8H = dict(TINY, num_attention_heads=8, num_key_value_heads=4)
 # Qwen3: per-head q/k norms, replicated over TP, whose grads finalize_model_grads sums.
 QWEN3 = dict(TINY, model_type="qwen3", head_dim=48)
-MODELS = {"qwen2": TINY, "llama_tied": TIED_LLAMA, "qwen2_8h": TINY_8H, "qwen3": QWEN3}
+# Qwen3-MoE: layer 1 dense, layers 0, 2, 3 with 4 routed experts (top-2, renormalised); a
+# load-balancing loss large enough that its router gradient counts.
+QWEN3_MOE = dict(QWEN3, model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2,
+                 moe_intermediate_size=64, mlp_only_layers=[1], norm_topk_prob=True,
+                 router_aux_loss_coef=0.01)
+MODELS = {"qwen2": TINY, "llama_tied": TIED_LLAMA, "qwen2_8h": TINY_8H, "qwen3": QWEN3,
+          "qwen3_moe": QWEN3_MOE}
 
 
 # One world per world size, not per case: the references run in one world of 1, the cases
@@ -72,6 +78,12 @@ CASES = [  # (id, world, par, model)
     ("tp2-pp2-sp-tied", 4, {"tp": 2, "pp": 2, "sp": True}, "llama_tied"),
     ("dp2", 2, {}, "qwen2"),
     ("dp2-tp2", 4, {"tp": 2}, "qwen2"),
+    # MoE: experts over ep ranks (megatron's all-to-all dispatcher over gloo), each expert
+    # whole (etp=1) or split over the TP group (etp=tp: the dispatcher's uneven gathers).
+    ("ep2", 2, {"ep": 2}, "qwen3_moe"),
+    ("tp2-sp-ep2-etp1", 2, {"tp": 2, "sp": True, "ep": 2, "etp": 1}, "qwen3_moe"),
+    ("tp2-sp-ep2-etp2", 4, {"tp": 2, "sp": True, "ep": 2}, "qwen3_moe"),
+    ("pp2-ep2", 4, {"pp": 2, "ep": 2}, "qwen3_moe"),
 ]
 # Without the p2p adaptation (megatron's batched p2p over gloo), in the world of 2.
 UNADAPTED_VPP = ("pp2-vpp2-batched-p2p", 2, {"pp": 2, "vpp": 2}, "qwen2")

@@ -123,3 +123,43 @@ def test_layout_lists_every_hf_tensor(kind):
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()
               if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
     assert layout.hf_shapes() == shapes
+
+
+def _qwen3_moe_checkpoint(tmp_path):
+    """A tiny Qwen3-MoE (layer 1 dense) and its tensors as ``save_pretrained`` writes them:
+    per expert, not transformers 5's in-memory fused ``experts.gate_up_proj``."""
+    from safetensors.torch import load_file
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**SMALL, head_dim=16, num_experts=4,
+                                               num_experts_per_tok=2, moe_intermediate_size=24,
+                                               mlp_only_layers=[1]))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    model.save_pretrained(tmp_path)
+    return model, load_file(tmp_path / "model.safetensors")
+
+
+def test_qwen3_moe_layout_round_trip_and_fused_experts(tmp_path):
+    model, sd = _qwen3_moe_checkpoint(tmp_path)
+    cfg = model.config
+    layout = HFLayout.from_config(cfg)
+    assert layout.sparse == (True, False)
+    assert layout.hf_shapes() == {k: tuple(v.shape) for k, v in sd.items()}
+    full = to_megatron(sd, cfg)
+    back = dict(to_hf(full, cfg))
+    assert back.keys() == sd.keys()
+    assert all(torch.equal(back[k], v) for k, v in sd.items())
+    p = "decoder.layers.0.mlp."
+    assert torch.equal(full[p + "router.weight"], sd["model.layers.0.mlp.gate.weight"])
+    assert torch.equal(full[p + "experts.local_experts.3.linear_fc1.weight"],
+                       torch.cat([sd["model.layers.0.mlp.experts.3.gate_proj.weight"],
+                                  sd["model.layers.0.mlp.experts.3.up_proj.weight"]]))
+    assert torch.equal(full[p + "experts.local_experts.3.linear_fc2.weight"],
+                       sd["model.layers.0.mlp.experts.3.down_proj.weight"])
+    assert "decoder.layers.1.mlp.linear_fc1.weight" in full  # the dense layer
+    bad = dict(sd, **{"model.layers.0.mlp.experts.2.up_proj.weight": torch.zeros(24, 31)})
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.experts\.2\.up_proj\.weight"):
+        to_megatron(bad, cfg)
