@@ -3,10 +3,10 @@
 # shared SFT warm start, then the report. Resumable: finished runs are skipped.
 #   bash examples/ablation/run.sh                 # full setting (~30-45 min on an idle 2-core CPU)
 #   bash examples/ablation/run.sh --quick         # one seed, 4 steps: a smoke run
-# Extra arguments go to `python -m megatron_erc.cli.ablation run` (e.g. --set optim.lr=5e-4).
+# Extra arguments go to `python -m megatron_erc.studies.ablation run` (e.g. --set optim.lr=5e-4).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-.venv/bin/python}
 OUT=${OUT:-runs/ablation}
-"$PY" -m megatron_erc.cli.ablation run --out "$OUT" "$@"
-"$PY" -m megatron_erc.cli.ablation report --out "$OUT" --docs "${DOCS:-docs}"
+"$PY" -m megatron_erc.studies.ablation run --out "$OUT" "$@"
+"$PY" -m megatron_erc.studies.ablation report --out "$OUT" --docs "${DOCS:-docs}"

@@ -1,5 +1,6 @@
 """The ERC ablation runner at its smallest setting: shared warm start, all four variants
-(one seed, two RL steps, tiny batches), then the report and its plots."""
+(one seed, two RL steps, tiny batches), then the report and its plots; and the study's
+module layout (the report reads runs, it does not import the runner)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ TINY = ["rollout.engine=embedded", "rollout.prompts_per_step=4", "rollout.n=4",
 @pytest.mark.slow
 def test_ablation_quick_writes_report(tmp_path):
     out, docs = tmp_path / "ablation", tmp_path / "docs"
-    cmd = [sys.executable, "-m", "megatron_erc.cli.ablation", "run", "--quick", "--out", str(out),
+    cmd = [sys.executable, "-m", "megatron_erc.studies.ablation", "run", "--quick", "--out", str(out),
            "--steps", "2", "--sft-steps", "5", "--jobs", "2", "--report", str(docs),
            "--set", *TINY, "--sft-set", "batch_size=8", "run.micro_batch_size=8"]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
@@ -35,7 +36,7 @@ def test_ablation_quick_writes_report(tmp_path):
     for label in ("DAPO", "DAPO+ERC", "GPPO", "GPPO+ERC"):
         assert f"| {label} | 1 |" in md
     assert "entropy fluctuation" in md and "grad-norm spikes" in md
-    assert "python -m megatron_erc.cli.ablation run --quick" in md
+    assert "python -m megatron_erc.studies.ablation run --quick" in md
     for name in ("accuracy", "entropy", "grad_norm", "clip_drop"):
         png = docs / "ablation" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
@@ -44,3 +45,13 @@ def test_ablation_quick_writes_report(tmp_path):
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True,
                            text=True, timeout=300)
     assert again.returncode == 0 and "started" not in again.stdout, again.stdout
+
+
+def test_report_does_not_import_the_runner():
+    probe = ("import sys, megatron_erc.studies.ablation_report; "
+             "print('megatron_erc.studies.ablation' in sys.modules, "
+             "'megatron_erc.cli.ablation' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,
+                         text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["False", "False"]

@@ -1,12 +1,13 @@
 """Does ERC stabilise off-policy RL? DAPO / GPPO with and without ERC, several seeds, from
 one shared supervised warm start (``docs/ablation.md``).
 
-    python -m megatron_erc.cli.ablation run --out runs/ablation     # prepare, SFT, 4 x 3 RL runs
-    python -m megatron_erc.cli.ablation report --out runs/ablation  # docs/ablation.md + PNGs
+    python -m megatron_erc.studies.ablation run --out runs/ablation     # prepare, SFT, 4 x 3 RL
+    python -m megatron_erc.studies.ablation report --out runs/ablation  # docs/ablation.md + PNGs
 
 Every RL run is its own process (megatron's parallel state is process-global); finished
 runs are skipped when ``run`` is repeated, so an interrupted ablation resumes where it
 stopped. The runner records the git commit and the exact commands in ``manifest.json``.
+The variants and paths are in ``ablation_spec.py``, the report in ``ablation_report.py``.
 """
 
 from __future__ import annotations
@@ -21,22 +22,9 @@ import sys
 import time
 import warnings
 
-from megatron_erc.cli.assets import checkout_root, example_path
+from megatron_erc.studies.ablation_report import write_report
+from megatron_erc.studies.ablation_spec import CONFIG, MODULE, REPO, SFT_CONFIG, VARIANTS, rel
 
-REPO = checkout_root() or pathlib.Path.cwd()  # git commit, docs/ and the runs' working dir
-CONFIG = example_path("ablation/offpolicy.yaml")
-SFT_CONFIG = example_path("tiny/sft.yaml")
-
-_CLIP = ["algo.surrogate=clip", "algo.eps_low=0.2", "algo.eps_high=0.28", "algo.dual_clip=10"]
-_GPPO = ["algo.surrogate=gppo", "algo.eps_low=0.2", "algo.eps_high=0.2", "algo.dual_clip=10"]
-_ERC = ["algo.erc={low: 0.95, high: 1.05}"]
-VARIANTS = {  # name -> algo overrides; ERC is the only difference within a pair
-    "dapo": _CLIP + ["algo.erc=null"],
-    "dapo_erc": _CLIP + _ERC,
-    "gppo": _GPPO + ["algo.erc=null"],
-    "gppo_erc": _GPPO + _ERC,
-}
-LABELS = {"dapo": "DAPO", "dapo_erc": "DAPO+ERC", "gppo": "GPPO", "gppo_erc": "GPPO+ERC"}
 QUICK = {"seeds": [0], "steps": 4, "sft_steps": 40}
 
 
@@ -95,8 +83,8 @@ def run_ablation(root: pathlib.Path, seeds: list[int], steps: int, sft_steps: in
     t0 = time.time()
     threads = max(1, (os.cpu_count() or 2) // jobs)
     manifest = {"code": git_commit(),
-                "command": command or "python -m megatron_erc.cli.ablation run",
-                "config": _rel(CONFIG),
+                "command": command or f"python -m {MODULE} run",
+                "config": rel(CONFIG),
                 "seeds": seeds, "steps": steps, "sft_steps": sft_steps, "variants": variants,
                 "extra_overrides": extra, "started": time.strftime("%Y-%m-%d %H:%M:%S UTC",
                                                                     time.gmtime())}
@@ -122,7 +110,7 @@ def run_ablation(root: pathlib.Path, seeds: list[int], steps: int, sft_steps: in
         while queue and len(running) < jobs:
             v, s = queue.pop(0)
             run_dir = root / "rl" / v / f"seed{s}"
-            cmd = [sys.executable, "-m", "megatron_erc.cli.ablation", "train-one", "--config",
+            cmd = [sys.executable, "-m", MODULE, "train-one", "--config",
                    str(CONFIG), *rl_overrides(root, v, s, steps, extra)]
             runs[f"{v}/seed{s}"] = {"variant": v, "seed": s, "dir": str(run_dir),
                                     "command": shlex.join(cmd)}
@@ -171,12 +159,6 @@ def _previous_invocations(root: pathlib.Path) -> list[dict]:
                                                           if "seconds" in r]}]
 
 
-def _rel(path: pathlib.Path) -> str:
-    """``path`` relative to the checkout (or working directory) when it is inside it."""
-    path = path.resolve()
-    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
-
-
 def train_one(config: str, overrides: list[str]) -> None:
     """One RL run with step-0 validation of the warm start (the CLI has none)."""
 
@@ -189,7 +171,7 @@ def train_one(config: str, overrides: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m megatron_erc.cli.ablation",
+    p = argparse.ArgumentParser(prog=f"python -m {MODULE}",
                                 description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="warm start + every variant x seed (resumable)")
@@ -224,13 +206,11 @@ def main(argv: list[str] | None = None) -> int:
                          args.steps or defaults["steps"],
                          args.sft_steps or defaults["sft_steps"], args.variants, args.set,
                          args.sft_set, jobs=args.jobs,
-                         command=shlex.join(["python", "-m", "megatron_erc.cli.ablation", *argv]))
+                         command=shlex.join(["python", "-m", MODULE, *argv]))
         print(f"[ablation] {len(m['runs'])} runs in {m['total_seconds']} s", flush=True)
         if not args.report:
             return 0
         args.docs = args.report
-    from megatron_erc.cli.ablation_report import write_report  # it imports this module
-
     print(write_report(pathlib.Path(args.out), pathlib.Path(args.docs)))
     return 0
 
