@@ -22,8 +22,8 @@ TINY = ["rollout.engine=embedded", "rollout.prompts_per_step=4", "rollout.n=4",
 @pytest.mark.slow
 def test_ablation_quick_writes_report(tmp_path):
     out, docs = tmp_path / "ablation", tmp_path / "docs"
-    cmd = [sys.executable, "-m", "megatron_erc.studies.ablation", "run", "--quick", "--out", str(out),
-           "--steps", "2", "--sft-steps", "5", "--jobs", "2", "--report", str(docs),
+    cmd = [sys.executable, "-m", "megatron_erc.studies.ablation", "run", "--quick", "--out",
+           str(out), "--steps", "2", "--sft-steps", "5", "--jobs", "2", "--report", str(docs),
            "--set", *TINY, "--sft-set", "batch_size=8", "run.micro_batch_size=8"]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
