@@ -267,6 +267,15 @@ def build_model_chunks(hf_config, parallel: ParallelConfig, **overrides) -> list
     from megatron.core import parallel_state as ps
 
     config = transformer_config_from_hf(hf_config, parallel, **overrides)
+    if config.num_moe_experts:
+        state = (ps.get_expert_model_parallel_world_size(),
+                 ps.get_expert_tensor_parallel_world_size())
+        if state != (config.expert_model_parallel_size, config.expert_tensor_parallel_size):
+            raise ValueError(
+                f"parallel.ep={parallel.ep}, etp={parallel.etp} but megatron's parallel state "
+                f"has expert-parallel size {state[0]}, expert-TP size {state[1]}: initialise it "
+                "with init_model_parallel(..., expert_model_parallel_size=ep, "
+                "expert_tensor_parallel_size=etp or tp)")
     chunks = []
     for vp in range(parallel.vpp or 1):
         vp_stage = vp if parallel.vpp else None

@@ -17,6 +17,8 @@ with megatron's all-to-all dispatcher (over gloo on CPU), dropless (no capacity 
 
 from __future__ import annotations
 
+import torch
+
 from megatron_erc.models.support import hf_field
 
 MOE_MODEL_TYPES = ("qwen3_moe",)
@@ -99,3 +101,76 @@ def moe_transformer_kwargs(hf_config, parallel) -> dict:
         expert_model_parallel_size=parallel.ep,
         expert_tensor_parallel_size=parallel.etp or parallel.tp,
     )
+
+
+def moe_loss_metrics(num_microbatches: int, num_moe_layers: int) -> dict[str, float]:
+    """``moe/aux_loss`` (the load-balancing loss) and ``moe/z_loss`` of the training forwards
+    since the last call, without their coefficients: mean over the ``num_moe_layers`` MoE
+    layers and this rank's ``num_microbatches``, averaged over data-parallel ranks, the same
+    on every rank. Read from (then clears) megatron's aux-loss tracker, reduced as megatron
+    does (summed over the pipeline and over a loss's TP share group); collective over the
+    pipeline and data-parallel groups (``parallel_state``): every rank must call it.
+    Empty when nothing was tracked (a dense model, or no training forward)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.moe import moe_utils
+
+    tracker = moe_utils.get_moe_layer_wise_logging_tracker()
+    names = {"load_balancing_loss": "moe/aux_loss", "seq_load_balancing_loss": "moe/aux_loss",
+             "z_loss": "moe/z_loss"}
+    present = sorted(n for n in tracker if n in names)
+    if not present:
+        return {}
+    moe_utils.reduce_aux_losses_tracker_across_ranks(present)
+    out = {}
+    for name in present:
+        values = tracker[name]["values"]  # [num_layers], each summed over micro-batches
+        if tracker[name].get("reduce_group") is None:  # megatron averages over DP only then
+            dist.all_reduce(values, group=ps.get_data_parallel_group(),
+                            op=dist.ReduceOp.AVG)
+        out[names[name]] = float(values.sum()) / max(num_moe_layers, 1) / max(
+            num_microbatches, 1)
+    moe_utils.clear_aux_losses_tracker()
+    return out
+
+
+class ExpertLoad:
+    """Tokens routed to each expert of each MoE layer, counted by forward hooks on the
+    routers of ``chunks`` (every forward, scoring and training alike)."""
+
+    def __init__(self, chunks):
+        from megatron.core.transformer.moe.router import TopKRouter
+
+        self.counts: dict[int, torch.Tensor] = {}
+        self._handles = [m.register_forward_hook(self._count) for c in chunks
+                         for m in c.modules() if isinstance(m, TopKRouter)]
+
+    def _count(self, router, inputs, output) -> None:
+        _, routing_map = output  # [tokens, experts] bool
+        counts = routing_map.sum(dim=0).double().detach()
+        layer = router.layer_number
+        self.counts[layer] = self.counts.get(layer, 0) + counts
+
+    def metrics(self, num_layers: int, num_experts: int, group=None) -> dict[str, float]:
+        """``moe/expert_load_max`` and ``moe/expert_load_min``: the busiest and idlest
+        expert's tokens over the mean (1.0 = balanced), averaged over MoE layers, over every
+        rank of ``group`` (None = the world: ranks route disjoint tokens or layers).
+        Collective; resets the counts."""
+        import torch.distributed as dist
+
+        table = torch.zeros(num_layers, num_experts, dtype=torch.float64)
+        for layer, counts in self.counts.items():
+            table[layer - 1] += counts.cpu()
+        if dist.is_initialized():
+            dist.all_reduce(table, group=group)
+        self.counts.clear()
+        used = table[table.sum(dim=1) > 0]
+        if not len(used):
+            return {}
+        ratio = used / used.mean(dim=1, keepdim=True)
+        return {"moe/expert_load_max": float(ratio.max(dim=1).values.mean()),
+                "moe/expert_load_min": float(ratio.min(dim=1).values.mean())}
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()

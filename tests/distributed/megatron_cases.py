@@ -69,6 +69,7 @@ def run_case(rank: int, world: int, hf_dict: dict, par: dict, reference: dict | 
 
     from megatron_erc import platform
     from megatron_erc.models import ParallelConfig, build_model_chunks
+    from megatron_erc.models.moe import ExpertLoad, moe_loss_metrics, num_experts, sparse_layers
     from megatron_erc.models.sharding import full_state_dict, global_names, iter_local_slices
 
     if apply_platform:
@@ -118,7 +119,18 @@ def run_case(rank: int, world: int, hf_dict: dict, par: dict, reference: dict | 
     outputs = fwd_bwd(data_iterator=iterators(), forward_only=True, **common)
     for m in model:
         m.zero_grad_buffer()
+    load = None
+    if hf_config.model_type == "qwen3_moe":  # the forward above tracked its aux losses too
+        from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
+        clear_aux_losses_tracker()
+        load = ExpertLoad(chunks)
     fwd_bwd(data_iterator=iterators(), forward_only=False, **common)
+    moe = {}  # job-level values, the same on every rank
+    if load is not None:
+        moe = moe_loss_metrics(per_dp, sum(sparse_layers(hf_config)))
+        moe.update(load.metrics(hf_config.num_hidden_layers, num_experts(hf_config)))
+        load.remove()
 
     grads = {}
     for chunk in model:
@@ -131,7 +143,7 @@ def run_case(rank: int, world: int, hf_dict: dict, par: dict, reference: dict | 
         logits = {i: o["logits"] for i, o in zip(mb_ids, outputs, strict=False)}
 
     if reference is None:
-        return {"state": state, "grads": grads, "logits": logits}
+        return {"state": state, "grads": grads, "logits": logits, "moe": moe}
 
     errors = {}
     ref_grads = reference["grads"]
@@ -140,6 +152,10 @@ def run_case(rank: int, world: int, hf_dict: dict, par: dict, reference: dict | 
             errors[f"grad:{gname}"] = _rel_err(param.main_grad, expected)
     for i, got in logits.items():
         errors[f"logits:{i}"] = _rel_err(got, reference["logits"][i])
+    if reference["moe"].keys() != moe.keys():
+        raise AssertionError(f"MoE metrics {sorted(moe)}, reference {sorted(reference['moe'])}")
+    for k, v in moe.items():
+        errors[k] = abs(v - reference["moe"][k]) / max(abs(reference["moe"][k]), 1e-12)
     return {"errors": errors, "n_params": len(grads), "n_logits": len(logits)}
 
 
