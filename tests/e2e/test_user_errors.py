@@ -102,7 +102,15 @@ def in_process_cases(task, bad, trained, tmp_path):  # noqa: F811
 
     ckpt = trained / "checkpoints"
     hf = ["convert", "hf-to-megatron", "--out", str(tmp_path / "converted")]
+    blocked = tmp_path / "blocked"  # a run dir where MLflow's store cannot be created
+    blocked.mkdir()
+    (blocked / "mlruns").write_text("a file, not the store's directory")
     return {
+        "unknown logger": (t("run.loggers=[jsonl,neptune]"), "train", "config",
+                           ["run.loggers=['jsonl', 'neptune']"]),
+        "logger that cannot start": (
+            ["train", "--config", str(CONFIG), *base(task, blocked, "run.loggers=[mlflow]")],
+            "train", "config", ["run.loggers: mlflow failed to start in"]),
         "unknown config field": (t("algo.erc.lowww=0.9"), "train", "config",
                                  ["algo.erc.lowww"]),
         "config file missing": (["train", "--config", str(tmp_path / "nope.yaml")], "train",
