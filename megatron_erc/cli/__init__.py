@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--sft-steps", type=int, default=150)
     demo.add_argument("--rl-steps", type=int, default=60)
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--loggers", nargs="+", metavar="LOGGER",
+                      help="the RL run's run.loggers: jsonl tensorboard wandb mlflow")
     for name, text in (("train", "RL training (DAPO/GPPO + ERC)"),
                        ("sft", "supervised warm start, exported as an HF directory"),
                        ("eval", "validation accuracy of a model on a prompt file")):
@@ -57,7 +59,8 @@ def _run(args) -> None:
     if args.command == "demo":
         from megatron_erc.cli.demo import run_demo
 
-        run_demo(args.out, sft_steps=args.sft_steps, rl_steps=args.rl_steps, seed=args.seed)
+        run_demo(args.out, sft_steps=args.sft_steps, rl_steps=args.rl_steps, seed=args.seed,
+                 loggers=args.loggers)
     elif args.command == "train":
         from megatron_erc.trainer.config import TrainConfig
         from megatron_erc.trainer.run import run_train

@@ -24,6 +24,7 @@ from megatron_erc.config import load_config
 from megatron_erc.data.arithmetic import generate_problems
 from megatron_erc.data.tokenizers import train_sentencepiece
 from megatron_erc.trainer.config import TrainConfig
+from megatron_erc.trainer.loggers import check_loggers
 from megatron_erc.trainer.run import run_train
 from megatron_erc.trainer.sft import SFTConfig, run_sft
 
@@ -57,9 +58,11 @@ def prepare(root: pathlib.Path, seed: int = 0) -> None:
 
 
 def run_demo(out_dir: str = "runs/demo", sft_steps: int = 150, rl_steps: int = 60,
-             seed: int = 0) -> dict:
+             seed: int = 0, loggers: list[str] | None = None) -> dict:
+    """``loggers``: the RL run's ``run.loggers`` (None: the config's, jsonl + TensorBoard)."""
 
     t0 = time.time()
+    check_loggers(loggers or [])  # a missing package stops the demo now, not after SFT
     root = pathlib.Path(out_dir)
     paths = [f"run.seed={seed}", f"model.tokenizer={root / 'tokenizer.model'}",
              f"data.path={root / 'data' / 'train.jsonl'}"]
@@ -71,13 +74,14 @@ def run_demo(out_dir: str = "runs/demo", sft_steps: int = 150, rl_steps: int = 6
     print(f"[demo] warm start done: SFT loss {sft_loss:.3f}; model in {hf_dir}", flush=True)
     rl_cfg = load_config(TrainConfig, example_path("tiny/dapo_erc.yaml"), paths + [
         f"run.dir={root / 'rl'}", f"run.steps={rl_steps}", f"model.path={hf_dir}",
-        f"validation.path={root / 'data' / 'val.jsonl'}"])
+        f"validation.path={root / 'data' / 'val.jsonl'}",
+        *([f"run.loggers=[{','.join(loggers)}]"] if loggers else [])])
     history = run_train(rl_cfg, validate_first=True)  # prints the run's summary at the end
     acc = [m["val/accuracy"] for m in history if "val/accuracy" in m]
     rl = json.loads((root / "rl" / "summary.json").read_text())
     summary = {"warm_start_accuracy": acc[0], "final_accuracy": acc[-1],
                "seconds": round(time.time() - t0, 1), "run_dir": str((root / "rl").resolve()),
-               "dashboard": rl["paths"]["dashboard"]}
+               "dashboard": rl["paths"].get("dashboard")}
     (root / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"[demo] done in {summary['seconds']:.0f} s (task, warm start, RL); compare runs "
           f"with: megatron-erc plot {summary['run_dir']} OTHER_RUN_DIR")

@@ -8,8 +8,10 @@ after they are reduced over ranks, on global rank 0 only (``MetricsWriter``).
 * ``tensorboard``: ``RUN_DIR/tensorboard`` event files.
 * ``wandb``: Weights & Biases in offline mode, ``RUN_DIR/wandb/offline-run-*``; nothing leaves
   the machine (``wandb sync DIR`` uploads it later). Extra: ``pip install '.[wandb]'``.
-* ``mlflow``: an MLflow file store, ``RUN_DIR/mlruns`` (``mlflow ui --backend-store-uri
-  RUN_DIR/mlruns``), the config as the run's parameters. Extra: ``pip install '.[mlflow]'``.
+* ``mlflow``: an MLflow file store, ``RUN_DIR/mlruns``, the config as the run's parameters.
+  Extra: ``pip install '.[mlflow]'``. MLflow 3 reads a file store only when asked:
+  ``MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri RUN_DIR/mlruns`` (the UI is in
+  the full ``mlflow`` package).
 """
 
 from __future__ import annotations
