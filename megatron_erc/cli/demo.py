@@ -76,7 +76,7 @@ def run_demo(out_dir: str = "runs/demo", sft_steps: int = 150, rl_steps: int = 6
         f"run.dir={root / 'rl'}", f"run.steps={rl_steps}", f"model.path={hf_dir}",
         f"validation.path={root / 'data' / 'val.jsonl'}",
         *([f"run.loggers=[{','.join(loggers)}]"] if loggers else [])])
-    history = run_train(rl_cfg, validate_first=True)  # prints the run's summary at the end
+    history = run_train(rl_cfg, validate_first=True, dashboard=True)  # ends with a summary
     acc = [m["val/accuracy"] for m in history if "val/accuracy" in m]
     rl = json.loads((root / "rl" / "summary.json").read_text())
     summary = {"warm_start_accuracy": acc[0], "final_accuracy": acc[-1],

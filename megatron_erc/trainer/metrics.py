@@ -87,9 +87,10 @@ class Progress:
         note = ""
         if not self._explained:
             self._explained = True
-            note = (f"\n[rl] note: groups {kept:.0f}/{self.groups_per_step}: only {kept:.0f} "
-                    "prompt groups had unequal rewards after rollout.max_gen_batches rounds of "
-                    "dynamic sampling; such steps train on those")
+            note = (f"\n[rl] note: groups {kept:.0f}/{self.groups_per_step}: dynamic sampling "
+                    f"found only {kept:.0f} prompt groups with unequal rewards in "
+                    "rollout.max_gen_batches rounds; a step trains on the groups it found "
+                    "(none: the step is skipped)")
         return f"  groups {kept:.0f}/{self.groups_per_step}{note}"
 
     def close(self) -> None:

@@ -180,7 +180,11 @@ def engine_log(cfg: TrainConfig) -> Path:
     return Path(cfg.run.dir) / "logs" / ("engine.log" if rank == 0 else f"engine-rank{rank}.log")
 
 
-def run_train(cfg: TrainConfig, validate_first: bool = False) -> list[dict]:
+def run_train(cfg: TrainConfig, validate_first: bool = False,
+              dashboard: bool = False) -> list[dict]:
+    """The RL run of ``cfg``; rank 0 ends it with a summary (``trainer/summary.py``) and, with
+    ``dashboard``, draws RUN_DIR/dashboard.png first (a few seconds of matplotlib; otherwise
+    the summary says how: ``megatron-erc plot RUN_DIR``)."""
     t_start = time.perf_counter()
     inputs = check_train(cfg)  # every rank, before any collective
     check_loggers(cfg.run.loggers)
@@ -194,21 +198,24 @@ def run_train(cfg: TrainConfig, validate_first: bool = False) -> list[dict]:
     finally:
         writer.close()
     if current_rank()[0] == 0 and history:
-        _print_summary(cfg, history, time.perf_counter() - t_start, paths)
+        _print_summary(cfg, history, time.perf_counter() - t_start, paths, dashboard)
     return history
 
 
-def _print_summary(cfg: TrainConfig, history: list[dict], wall_s: float, paths: dict) -> None:
-    from megatron_erc.cli.plot import plot_run
-
+def _print_summary(cfg: TrainConfig, history: list[dict], wall_s: float, paths: dict,
+                   dashboard: bool) -> None:
     run_dir = Path(cfg.run.dir)
-    out = {"dashboard": plot_run(run_dir) if "jsonl" in cfg.run.loggers else None}
+    out = {}
+    if dashboard and "jsonl" in cfg.run.loggers:
+        from megatron_erc.cli.plot import plot_run
+
+        out["dashboard"] = plot_run(run_dir)
     out.update({k: v for k, v in paths.items() if k != "jsonl"})
     latest = find_latest(run_dir / "checkpoints")
     out["checkpoint"] = latest
     if (run_dir / "logs" / "engine.log").exists():
         out["engine log"] = run_dir / "logs" / "engine.log"
-    s = summarize(history, wall_s=wall_s, paths=out)
+    s = summarize(history, wall_s=wall_s, paths=out, run_dir=run_dir)
     write_summary(run_dir, s)
     print("\n".join(summary_lines(s)), flush=True)
 

@@ -11,7 +11,8 @@ TIME_SPLIT = ("generate", "score", "forward", "update", "sync")
 """The parts of ``time/step`` (``rl._time_split``), in the order a step runs them."""
 
 
-def summarize(history: list[dict], *, wall_s: float, paths: dict[str, Path]) -> dict:
+def summarize(history: list[dict], *, wall_s: float, paths: dict[str, Path],
+              run_dir: Path | None = None) -> dict:
     """``history``: the step metrics of this run (``rl.train``, with the step-0 validation
     row if any). ``paths``: name -> output location (dashboard, logger outputs, checkpoint,
     engine log); missing ones are left out."""
@@ -33,6 +34,7 @@ def summarize(history: list[dict], *, wall_s: float, paths: dict[str, Path]) -> 
         "median_s": {k: median(f"time/{k}") for k in ("step", *TIME_SPLIT)},
         "median_tokens_per_s": median("tokens_per_s"),
         "paths": {k: str(Path(v).resolve()) for k, v in paths.items() if v is not None},
+        **({"run_dir": str(Path(run_dir).resolve())} if run_dir is not None else {}),
     }
 
 
@@ -54,8 +56,11 @@ def summary_lines(s: dict) -> list[str]:
         tps = s["median_tokens_per_s"]
         lines.append(f"median step {med['step']:.2f} s: {parts}"
                      + (f"; {tps:,.0f} tokens/s" if tps is not None else ""))
-    width = max((len(k) for k in s["paths"]), default=0)
-    lines += [f"{k:<{width}}  {v}" for k, v in s["paths"].items()]
+    paths = dict(s["paths"])
+    if "dashboard" not in paths and "run_dir" in s:
+        paths = {"dashboard": f"megatron-erc plot {s['run_dir']}  (draws it)", **paths}
+    width = max((len(k) for k in paths), default=0)
+    lines += [f"{k:<{width}}  {v}" for k, v in paths.items()]
     return ["[summary] " + line for line in lines]
 
 

@@ -122,3 +122,5 @@ def test_summary_reports_accuracy_time_split_and_paths(tmp_path):
     assert "generate 1.00, score 0.25, forward 0.25, update 0.50, sync 0.00" in lines[2]
     assert lines[-1].endswith(str((tmp_path / "d.png").resolve()))
     assert not any("checkpoint" in line for line in lines)
+    undrawn = summary_lines(summarize(history, wall_s=1.0, paths={}, run_dir=tmp_path))
+    assert undrawn[-1] == f"[summary] dashboard  megatron-erc plot {tmp_path.resolve()}  (draws it)"

@@ -46,5 +46,5 @@ def test_steps_short_of_groups_say_so_on_their_line_and_explain_once(capsys):
     out = capsys.readouterr().out.splitlines()
     assert "groups" not in out[0]
     assert out[1].endswith("  groups 12/16") and out[3].endswith("  groups 9/16")
-    assert out[2].startswith("[rl] note: groups 12/16: only 12 prompt groups")
+    assert out[2].startswith("[rl] note: groups 12/16: dynamic sampling found only 12 prompt")
     assert len(out) == 4
