@@ -89,14 +89,22 @@ CASES = [  # (id, world, par, model)
 UNADAPTED_VPP = ("pp2-vpp2-batched-p2p", 2, {"pp": 2, "vpp": 2}, "qwen2")
 
 
+# Routing replay at EP=2, in the world of 2 (tests/distributed/routing_replay_cases.py).
+REPLAY = ("routing-replay", 2, "tests.distributed.routing_replay_cases:replay_case",
+          (QWEN3_MOE, 2))
+
+
 @functools.cache
 def world_results(world: int) -> dict[str, list[dict]]:
     """``{case id: per-rank results}`` of every case of this world size, in one spawn."""
     cases = [c for c in [*CASES, UNADAPTED_VPP] if c[1] == world]
     calls = [(RUN_CASE, (MODELS[model], par, reference(model), True, cid != UNADAPTED_VPP[0]))
              for cid, _, par, model in cases]
+    extra = [REPLAY] if REPLAY[1] == world else []
+    calls += [(fn, args) for _, _, fn, args in extra]
     ranks = run_distributed(run_each, world, calls, timeout=TIMEOUT_S)
-    return {cid: [r[i] for r in ranks] for i, (cid, *_) in enumerate(cases)}
+    ids = [c[0] for c in cases] + [e[0] for e in extra]
+    return {cid: [r[i] for r in ranks] for i, cid in enumerate(ids)}
 
 
 @pytest.mark.parametrize("case_id,world,par,model", [pytest.param(*c, id=c[0]) for c in CASES])
@@ -115,3 +123,24 @@ def test_batched_p2p_over_gloo_is_silently_wrong_with_virtual_pipeline():
     results = world_results(2)[UNADAPTED_VPP[0]]
     worst = max(v for r in results for v in r["errors"].values())
     assert worst > 1e-3, f"expected a silent mismatch, got worst relative error {worst}"
+
+
+def test_routing_replay_on_policy_ratio_is_exactly_one():
+    """Two experts of every router tie. The training forward of a scored micro-batch, with
+    replay and unchanged weights, gives the scoring forward's log-probs exactly (ratio 1),
+    and the router still gets a gradient (gate weights come from the current logits)."""
+    for r in world_results(2)[REPLAY[0]]:
+        assert r["routers"] == 3 and r["misses"] == 0, r
+        assert r["on_policy"] == 0.0, r
+        assert r["router_grad"] > 0, r
+
+
+def test_routing_replay_keeps_the_experts_when_near_ties_flip():
+    """A 1e-5 perturbation of one tied router row flips some tokens' experts: without
+    replay their log-probs move by > 1e-2, with replay by about the perturbation."""
+    results = world_results(2)[REPLAY[0]]
+    worst = {k: max(r[k] for r in results) for k in ("replayed", "free")}
+    print(f"max |logp - old logp| after a 1e-5 router perturbation: with replay "
+          f"{worst['replayed']:.2e}, without {worst['free']:.2e}")
+    assert worst["free"] > 1e-2, "the perturbation flipped no expert: the test proves nothing"
+    assert worst["replayed"] < 1e-4
