@@ -37,6 +37,12 @@ class ArithmeticProblem:
         c = self.answer
         return f"{self.a} {self.op} {self.b} = {c}. The final answer is \\boxed{{{c}}}."
 
+    @property
+    def short_target(self) -> str:
+        """The answer alone, ``"\\boxed{85}"``: a response of a few tokens (the ablation's
+        miniature, where generation time bounds how many RL runs fit in an hour)."""
+        return f"\\boxed{{{self.answer}}}"
+
 
 def generate_problems(
     n: int, *, seed: int = 0, difficulty: int = 2, ops: tuple[str, ...] = OPS
