@@ -23,9 +23,20 @@ import time
 import warnings
 
 from megatron_erc.studies.ablation_report import write_report
-from megatron_erc.studies.ablation_spec import CONFIG, MODULE, REPO, SFT_CONFIG, VARIANTS, rel
+from megatron_erc.studies.ablation_spec import (
+    CONFIG,
+    MODULE,
+    REPO,
+    SFT_CONFIG,
+    SFT_OVERRIDES,
+    SFT_STEPS,
+    TASK,
+    VARIANTS,
+    rel,
+)
 
 QUICK = {"seeds": [0], "steps": 4, "sft_steps": 40}
+DEFAULTS = {"seeds": [0, 1, 2], "steps": 25, "sft_steps": SFT_STEPS}
 
 
 def git_commit() -> dict:
@@ -51,19 +62,48 @@ def rl_overrides(root: pathlib.Path, variant: str, seed: int, steps: int,
             f"validation.path={task / 'data' / 'val.jsonl'}", *VARIANTS[variant], *extra]
 
 
+def prepare_task(root: pathlib.Path, seed: int = 0) -> None:
+    """The miniature's task files, tokenizer and random-init model under ``root``
+    (``ablation_spec.TASK``): the demo's preparation with + and - only, answer-only targets
+    and more validation prompts."""
+    import torch  # torch and transformers: only to prepare
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from megatron_erc.cli.assets import example_path
+    from megatron_erc.data.arithmetic import generate_problems
+    from megatron_erc.data.tokenizers import train_sentencepiece
+
+    fmt, ops, digits = TASK["prompt"], TASK["ops"], TASK["difficulty"]
+    train = generate_problems(TASK["n_train"], seed=seed, difficulty=digits, ops=ops)
+    val = generate_problems(TASK["n_val"], seed=seed + 10_000, difficulty=digits, ops=ops)
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    for name, problems in (("train", train), ("val", val)):
+        with open(root / "data" / f"{name}.jsonl", "w") as f:
+            for p in problems:
+                f.write(json.dumps({"prompt": fmt.format(q=p.prompt), "answer": p.answer,
+                                    "target": p.short_target}) + "\n")
+    tok = train_sentencepiece([fmt.format(q=p.prompt) + p.sft_target for p in train[:2000]],
+                              root / "tokenizer.model", vocab_size=TASK["vocab_size"])
+    d = json.loads(example_path("tiny/config.json").read_text())
+    d.pop("architectures", None), d.pop("torch_dtype", None)
+    d.update(vocab_size=tok.vocab_size, eos_token_id=tok.eos_token_id,
+             pad_token_id=tok.pad_token_id, bos_token_id=None)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(d.pop("model_type"), **d))
+    model.save_pretrained(root / "init")
+
+
 def warm_start(root: pathlib.Path, sft_steps: int, sft_extra: list[str], threads: int) -> list:
     """Task + tokenizer + random init, then one SFT run every RL run starts from."""
     cmds = []
     if not (root / "task" / "init").exists():
-        from megatron_erc.cli.demo import prepare  # torch and transformers: only to prepare
-
         print(f"[ablation] preparing the task in {root / 'task'}", flush=True)
-        prepare(root / "task", seed=0)
+        prepare_task(root / "task", seed=0)
     task = root / "task"
     sft = [sys.executable, "-m", "megatron_erc.cli", "sft", "--config", str(SFT_CONFIG),
            f"run.dir={root / 'sft'}", f"run.steps={sft_steps}", "run.seed=0",
            f"model.path={task / 'init'}", f"model.tokenizer={task / 'tokenizer.model'}",
-           f"data.path={task / 'data' / 'train.jsonl'}", *sft_extra]
+           f"data.path={task / 'data' / 'train.jsonl'}", *SFT_OVERRIDES, *sft_extra]
     cmds.append(shlex.join(sft))
     if not (root / "sft" / "hf" / "config.json").exists():
         print(f"[ablation] SFT warm start ({sft_steps} steps)", flush=True)
@@ -179,10 +219,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--quick", action="store_true",
                      help=f"smoke setting: {QUICK} unless given explicitly")
     run.add_argument("--seeds", type=int, nargs="+")
-    run.add_argument("--steps", type=int, help="RL steps per run (default 25)")
-    run.add_argument("--sft-steps", type=int, help="warm-start SFT steps (default 150)")
+    run.add_argument("--steps", type=int, help=f"RL steps per run (default {DEFAULTS['steps']})")
+    run.add_argument("--sft-steps", type=int,
+                     help=f"warm-start SFT steps (default {DEFAULTS['sft_steps']})")
     run.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
-    run.add_argument("--jobs", type=int, default=4, help="RL runs in parallel")
+    run.add_argument("--jobs", type=int, default=2,
+                     help="RL runs in parallel (2 on a 2-core machine: one thread each)")
     run.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                      help="extra overrides for every RL run, e.g. optim.lr=5e-4")
     run.add_argument("--sft-set", nargs="*", default=[], metavar="KEY=VALUE",
@@ -201,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         train_one(args.config, args.overrides)
         return 0
     if args.command == "run":
-        defaults = QUICK if args.quick else {"seeds": [0, 1, 2], "steps": 25, "sft_steps": 150}
+        defaults = QUICK if args.quick else DEFAULTS
         m = run_ablation(pathlib.Path(args.out), args.seeds or defaults["seeds"],
                          args.steps or defaults["steps"],
                          args.sft_steps or defaults["sft_steps"], args.variants, args.set,

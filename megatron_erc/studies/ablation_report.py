@@ -9,7 +9,15 @@ import pathlib
 
 import numpy as np
 
-from megatron_erc.studies.ablation_spec import LABELS, MODULE, REPO, VARIANTS, rel
+from megatron_erc.studies.ablation_spec import (
+    LABELS,
+    MODULE,
+    REPO,
+    SFT_OVERRIDES,
+    TASK_DESCRIPTION,
+    VARIANTS,
+    rel,
+)
 from megatron_erc.trainer.metrics import read_metrics
 
 SPIKE_K = 3.0
@@ -182,11 +190,11 @@ def render_markdown(root: pathlib.Path, manifest: dict, runs: dict, stats: dict)
                      + (f" for `{inv['command']}`, which ran {len(inv['ran'])} RL runs in "
                         f"{inv.get('total_seconds')} s" if "ran" in inv else "") + ".")
     L += [
-          "- Task: the embedded arithmetic task (`megatron_erc.cli.demo.prepare`, single-digit "
-          "+/-, boxed answers), tiny random-init Qwen2-layout model "
+          f"- Task: {TASK_DESCRIPTION}; tiny random-init Qwen2-layout model "
           "(`examples/tiny/config.json`), SentencePiece vocabulary of 320.",
           f"- One shared warm start: {manifest.get('sft_steps', '?')} SFT steps "
-          "(`examples/tiny/sft.yaml`); every RL run starts from that same HF directory.",
+          f"(`examples/tiny/sft.yaml` with {' '.join(SFT_OVERRIDES)}); every RL run starts "
+          "from that same HF directory.",
           f"- RL (`{manifest.get('config', 'examples/ablation/offpolicy.yaml')}`): "
           f"{cfg['run']['steps']} steps, {cfg['rollout']['prompts_per_step']} prompts x "
           f"{cfg['rollout']['n']} responses per step (dynamic sampling, up to "
