@@ -174,3 +174,30 @@ class ExpertLoad:
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
+
+
+_FUSED_EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+
+
+def checkpoint_views(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """An HF model's parameters under their checkpoint names: transformers 5 fuses a MoE
+    layer's experts (``experts.gate_up_proj [E, 2I, H]`` = ``[gate; up]`` per expert,
+    ``experts.down_proj [E, H, I]``); here each expert's ``gate_proj`` / ``up_proj`` /
+    ``down_proj.weight`` is a view of them, as ``save_pretrained`` writes them and as weight
+    syncs send them. Writing into a view writes the model. Other parameters as they are
+    (``named_parameters``: a tied ``lm_head`` is left out, as in a checkpoint)."""
+    out = {}
+    for name, param in model.named_parameters():
+        prefix, fused = next(((name[: -len(f)], f) for f in _FUSED_EXPERTS
+                              if name.endswith(f)), (None, None))
+        if fused is None:
+            out[name] = param
+            continue
+        for e in range(param.shape[0]):
+            base = f"{prefix}mlp.experts.{e}."
+            if fused.endswith("gate_up_proj"):
+                gate, up = param[e].chunk(2, dim=0)
+                out[base + "gate_proj.weight"], out[base + "up_proj.weight"] = gate, up
+            else:
+                out[base + "down_proj.weight"] = param[e]
+    return out

@@ -13,6 +13,8 @@ import os
 import torch
 from torch import nn
 
+from megatron_erc.models.moe import checkpoint_views
+
 from . import fast_decode
 from .engine import Sample, SamplingConfig, StreamedWeightLoads
 
@@ -198,9 +200,10 @@ class EmbeddedEngine(StreamedWeightLoads):
 
     # --- weights ----------------------------------------------------------------------------
 
-    def _params(self) -> dict[str, nn.Parameter]:
-        # named_parameters() drops the tied lm_head, like save_pretrained's checkpoint does.
-        return dict(self.model.named_parameters())
+    def _params(self) -> dict[str, torch.Tensor]:
+        # named_parameters() drops the tied lm_head, like save_pretrained's checkpoint does;
+        # a MoE model's fused experts appear per expert, as views (checkpoint names).
+        return checkpoint_views(self.model)
 
     def _expected_shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(p.shape) for k, p in self._params().items()}

@@ -68,3 +68,32 @@ def test_supported_and_refused_moe_configs():
     assert unsupported(moe_config()) is None
     assert "num_experts_per_tok=5" in unsupported(moe_config(num_experts_per_tok=5))
     assert "qwen2_moe" in unsupported({"model_type": "qwen2_moe"})  # shared experts
+
+
+def test_embedded_engine_takes_moe_weights_under_checkpoint_names(tmp_path):
+    """transformers 5 fuses a MoE layer's experts in memory; a weight sync sends them per
+    expert (checkpoint names, as Megatron's export yields them). The embedded engine loads
+    them into views of the fused tensors: afterwards it equals a model loaded from them."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, Qwen3MoeForCausalLM
+
+    from megatron_erc.models.moe import checkpoint_views
+    from megatron_erc.rollout import EmbeddedEngine, SamplingConfig
+
+    cfg = moe_config(mlp_only_layers=[1], initializer_range=0.2)
+    torch.manual_seed(0)
+    engine = EmbeddedEngine(Qwen3MoeForCausalLM(cfg))
+    torch.manual_seed(1)
+    Qwen3MoeForCausalLM(cfg).save_pretrained(tmp_path)
+    new = load_file(tmp_path / "model.safetensors")
+    assert "model.layers.0.mlp.experts.3.up_proj.weight" in new
+    engine.update_weights(new.items())
+    views = checkpoint_views(engine.model)
+    assert views.keys() == new.keys()
+    assert all(torch.equal(views[k], v) for k, v in new.items())
+    greedy = SamplingConfig(temperature=0, max_tokens=6)
+    loaded = EmbeddedEngine(AutoModelForCausalLM.from_pretrained(tmp_path))
+    prompts = [[1, 2, 3], [7, 8]]
+    assert ([g[0].token_ids for g in engine.generate(prompts, greedy)]
+            == [g[0].token_ids for g in loaded.generate(prompts, greedy)])
