@@ -81,7 +81,8 @@ def logging_config(log_file: str | os.PathLike, level: str) -> dict:
 def engine_output_to(log_file: str | os.PathLike | None, level: str = "INFO"):
     """While the engine starts: vLLM's logging (this process and the workers it spawns) goes
     to ``log_file`` at ``level``, and so does anything written to stdout/stderr. The logging
-    setting stays for the engine's life. None: nothing changes (vLLM logs to the console)."""
+    setting stays for the engine's life (its processes exist by then; the environment is
+    restored). None: nothing changes (vLLM logs to the console)."""
     if log_file is None:
         yield
         return
@@ -91,14 +92,24 @@ def engine_output_to(log_file: str | os.PathLike | None, level: str = "INFO"):
     log_file.parent.mkdir(parents=True, exist_ok=True)
     config = log_file.with_name(log_file.stem + ".logging.json")
     config.write_text(json.dumps(logging_config(log_file, level), indent=1))
-    os.environ["VLLM_LOGGING_CONFIG_PATH"] = os.fspath(config.resolve())
-    os.environ["VLLM_LOGGING_LEVEL"] = level
-    if "vllm" in sys.modules:  # already imported: apply now (vllm.LLM() re-applies it too)
-        import logging.config
+    # Read by vLLM at import, in vllm.LLM() and in every process it spawns; restored
+    # afterwards, so a later engine without a log file logs to the console again.
+    env = {"VLLM_LOGGING_CONFIG_PATH": os.fspath(config.resolve()), "VLLM_LOGGING_LEVEL": level}
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        if "vllm" in sys.modules:  # already imported: apply now (vllm.LLM() does it again)
+            import logging.config
 
-        logging.config.dictConfig(logging_config(log_file, level))
-    with _descriptors_to(log_file):
-        yield
+            logging.config.dictConfig(logging_config(log_file, level))
+        with _descriptors_to(log_file):
+            yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @contextlib.contextmanager
