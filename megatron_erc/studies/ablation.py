@@ -64,8 +64,8 @@ def rl_overrides(root: pathlib.Path, variant: str, seed: int, steps: int,
 
 def prepare_task(root: pathlib.Path, seed: int = 0) -> None:
     """The miniature's task files, tokenizer and random-init model under ``root``
-    (``ablation_spec.TASK``): the demo's preparation with + and - only, answer-only targets
-    and more validation prompts."""
+    (``ablation_spec.TASK``): the demo's preparation with + and - only, bare ``"3 + 4 = "``
+    prompts, answer-only targets and more validation prompts."""
     import torch  # torch and transformers: only to prepare
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -73,16 +73,20 @@ def prepare_task(root: pathlib.Path, seed: int = 0) -> None:
     from megatron_erc.data.arithmetic import generate_problems
     from megatron_erc.data.tokenizers import train_sentencepiece
 
-    fmt, ops, digits = TASK["prompt"], TASK["ops"], TASK["difficulty"]
+    ops, digits = TASK["ops"], TASK["difficulty"]
+
+    def prompt(p):
+        return TASK["prompt"].format(a=p.a, op=p.op, b=p.b)
+
     train = generate_problems(TASK["n_train"], seed=seed, difficulty=digits, ops=ops)
     val = generate_problems(TASK["n_val"], seed=seed + 10_000, difficulty=digits, ops=ops)
     (root / "data").mkdir(parents=True, exist_ok=True)
     for name, problems in (("train", train), ("val", val)):
         with open(root / "data" / f"{name}.jsonl", "w") as f:
             for p in problems:
-                f.write(json.dumps({"prompt": fmt.format(q=p.prompt), "answer": p.answer,
+                f.write(json.dumps({"prompt": prompt(p), "answer": p.answer,
                                     "target": p.short_target}) + "\n")
-    tok = train_sentencepiece([fmt.format(q=p.prompt) + p.sft_target for p in train[:2000]],
+    tok = train_sentencepiece([prompt(p) + p.sft_target for p in train[:2000]],
                               root / "tokenizer.model", vocab_size=TASK["vocab_size"])
     d = json.loads(example_path("tiny/config.json").read_text())
     d.pop("architectures", None), d.pop("torch_dtype", None)
