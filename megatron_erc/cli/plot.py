@@ -107,7 +107,7 @@ def plot_runs(runs: dict[str, Path], out: str | Path) -> Path:
     if empty:
         raise UserError(f"no RL steps to plot in {', '.join(empty)}/metrics.jsonl", kind="data")
     colours = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20").colors
-    styles = ["-", "--", ":", "-."]
+    styles = ["-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1))]  # as many as a panel's metrics
     cols = 4
     fig, axes = plt.subplots((len(PANELS) + cols - 1) // cols, cols, figsize=(18, 12))
     for ax, (title, keys) in zip(axes.flat, PANELS, strict=False):
@@ -117,7 +117,8 @@ def plot_runs(runs: dict[str, Path], out: str | Path) -> Path:
                 pts = [(r["step"], r[k]) for r in rows[label] if r.get(k) is not None]
                 if pts:
                     xs, ys = zip(*pts, strict=True)
-                    ax.plot(xs, ys, color=colours[i % len(colours)], ls=styles[j % 4], lw=1.2,
+                    ax.plot(xs, ys, color=colours[i % len(colours)],
+                            ls=styles[j % len(styles)], lw=1.2,
                             marker="o" if len(pts) < 20 else None, ms=2)
                     if k not in shown:
                         shown.append(k)
@@ -125,16 +126,16 @@ def plot_runs(runs: dict[str, Path], out: str | Path) -> Path:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         if len(shown) > 1:  # which line style is which metric
-            ax.legend([Line2D([], [], color="black", ls=styles[keys.index(k) % 4])
+            ax.legend([Line2D([], [], color="black", ls=styles[keys.index(k) % len(styles)])
                        for k in shown], shown, fontsize=7)
     for ax in list(axes.flat)[len(PANELS):]:
         ax.axis("off")
+    rows_of_labels = -(-len(runs) // 6)
     fig.legend([Line2D([], [], color=colours[i % len(colours)], lw=3)
-                for i in range(len(runs))], list(runs), loc="lower right",
-               ncol=max(1, len(runs) // 8), fontsize=9, title="runs")
-    fig.suptitle("megatron-erc runs: " + ", ".join(list(runs)[:6])
-                 + (f" and {len(runs) - 6} more" if len(runs) > 6 else ""))
-    fig.tight_layout()
+                for i in range(len(runs))], list(runs), loc="upper center",
+               ncol=min(len(runs), 6), fontsize=9, frameon=False)
+    fig.suptitle("megatron-erc runs", x=0.01, y=0.995, ha="left", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.985 - 0.025 * rows_of_labels))  # room for the labels
     out = Path(out)
     fig.savefig(out, dpi=80)
     plt.close(fig)
