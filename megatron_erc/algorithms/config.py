@@ -185,6 +185,12 @@ class PolicyLossConfig:
     """Memory budget (MiB) of the log-prob/entropy op's fp32 work buffers: tokens are
     processed in chunks sized so two fp32 `[chunk, V/tp]` buffers fit in it. Used by every
     training, scoring and SFT call; larger trades memory for fewer, bigger kernels."""
+    routing_replay: str = "none"
+    """Mixture-of-experts models: ``"old"`` replays, in the update forwards of the off-policy
+    mini-batches, the experts each router chose in the forward that scored their old
+    log-probs, so the importance ratio and ERC's entropy ratio compare the same experts
+    (MoE RL without it is unstable); ``"none"``: every forward routes by itself. Replaying
+    the experts vLLM routed to during generation (``"rollout"``) is not built."""
 
     def __post_init__(self) -> None:
         if isinstance(self.erc, dict):
@@ -247,6 +253,10 @@ class PolicyLossConfig:
                     f"PolicyLossConfig.tis_cap must be > 0; got {self.tis_cap}. Use None to "
                     f"disable truncated importance sampling (typical caps are 2 to 10)."
                 )
+        if self.routing_replay not in ("none", "old"):
+            raise ValueError(
+                f"PolicyLossConfig.routing_replay must be 'none' or 'old' (replay the scoring "
+                f"forward's experts in the updates); got {self.routing_replay!r}")
         if not isinstance(self.logprob_chunk_mb, int) or self.logprob_chunk_mb < 1:
             raise ValueError(
                 f"PolicyLossConfig.logprob_chunk_mb must be an int >= 1 (MiB); got "

@@ -171,6 +171,11 @@ class ExpertLoad:
         return {"moe/expert_load_max": float(ratio.max(dim=1).values.mean()),
                 "moe/expert_load_min": float(ratio.min(dim=1).values.mean())}
 
+    @property
+    def routers(self) -> int:
+        """How many routers of this rank are counted (0: a stage without MoE layers)."""
+        return len(self._handles)
+
     def remove(self) -> None:
         for h in self._handles:
             h.remove()

@@ -97,6 +97,9 @@ class Actor:
         # written against, on every platform
         require_supported_megatron("the actor's optimizer step and checkpoints")
         self.hf_config, self.parallel = hf_config, parallel
+        self.moe = None
+        """``trainer.moe_step.MoESteps`` of an MoE actor in an RL run (routing replay, moe/*
+        metrics; set by the trainer); None otherwise."""
         # where micro-batches must live: this rank's GPU (set by init_process_group) or the CPU
         self.device = torch.device("cpu") if detect().is_cpu else \
             torch.device("cuda", torch.cuda.current_device())

@@ -128,7 +128,10 @@ class Reduce(enum.Enum):
 def _declared() -> dict[str, Reduce]:
     same = ["reward/mean", "accuracy", "response/len_mean", "response/len_max",
             "response/clipped_frac", "dynamic_sampling/groups_kept", "dynamic_sampling/rounds",
-            "grad_norm", "lr", "val/accuracy", *COUNT_NAMES]
+            "grad_norm", "lr", "val/accuracy", *COUNT_NAMES,
+            # trainer/moe_step.py: reduced over the job already
+            "moe/aux_loss", "moe/z_loss", "moe/expert_load_max", "moe/expert_load_min",
+            "moe/replay_misses"]
     slowest = ["time/generate", "time/score", "time/forward", "time/update", "time/sync",
                "time/step", "sync/seconds", "sync/bytes", "skipped_steps",
                "memory/offloaded_gib", "memory/trainer_freed_gib"]

@@ -40,6 +40,7 @@ from megatron_erc.trainer.config import TrainConfig
 from megatron_erc.trainer.layout import engine_slot
 from megatron_erc.trainer.loggers import check_loggers
 from megatron_erc.trainer.metrics import MetricsWriter, Progress
+from megatron_erc.trainer.moe_step import moe_steps
 from megatron_erc.trainer.offload import TrainerOffload
 from megatron_erc.trainer.preflight import check_eval, check_model, check_train
 from megatron_erc.trainer.rl import RunContext, train
@@ -59,14 +60,21 @@ def setup_parallel(cfg: TrainConfig):
     plat = init_process_group(platform.setup(), timeout=_timeout(cfg))
     if ps.model_parallel_is_initialized():  # e.g. sft then train in one process
         return plat
-    world = dist.get_world_size()
-    mp = cfg.parallel.tp * cfg.parallel.pp
+    world, p = dist.get_world_size(), cfg.parallel
+    mp = p.tp * p.pp
     if world % mp:
         raise UserError(f"world size {world} is not a multiple of parallel.tp * parallel.pp "
                         f"= {mp}; launch a multiple of {mp} ranks", kind="layout")
-    platform.init_model_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp,
-                                 seed=cfg.run.seed,
-                                 distributed_timeout_minutes=cfg.parallel.distributed_timeout_min)
+    etp = p.etp or p.tp
+    if (world // mp) % p.ep or world % (p.ep * etp * p.pp):
+        raise UserError(
+            f"parallel.ep={p.ep} (expert tensor-parallel {etp}) does not fit {world} ranks at "
+            f"tp={p.tp}, pp={p.pp}: ep must divide the data-parallel size {world // mp} and "
+            f"ep * etp * pp = {p.ep * etp * p.pp} the world size", kind="layout")
+    platform.init_model_parallel(p.tp, p.pp, p.vpp, seed=cfg.run.seed,
+                                 distributed_timeout_minutes=p.distributed_timeout_min,
+                                 expert_model_parallel_size=p.ep,
+                                 expert_tensor_parallel_size=etp)
     return plat
 
 
@@ -232,6 +240,10 @@ def _run_train(cfg: TrainConfig, inputs, writer: MetricsWriter,
     tokenizer = inputs.tokenizer
     prompts = [(s.prompt_ids, s.record.answer) for s in inputs.data.samples]
     actor = build_actor(cfg)
+    try:  # the same answer on every rank: no rank waits for another
+        actor.moe = moe_steps(actor, cfg.algo.routing_replay)
+    except ValueError as e:
+        raise UserError(str(e), kind="config") from None
     # One sampler for the whole job: every rank draws the same prompts and seeds.
     rng = random.Random(cfg.run.seed * 1000)
     with contextlib.ExitStack() as cleanup:  # engines and graders close on any way out

@@ -8,6 +8,7 @@ policy-loss forward/backward and an optimizer step. ``sync_engine``: weights -> 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 
 import torch
@@ -86,7 +87,8 @@ def score_old_logprobs(actor, micro_batches: list[MicroBatch], chunk_mb: int = 6
                                                      chunk_mb=chunk_mb)
         return mb.old_logp.new_zeros(()), {}
 
-    actor.forward_backward(micro_batches, loss_fn, forward_only=True)
+    with actor.moe.scoring() if actor.moe else contextlib.nullcontext():  # record experts
+        actor.forward_backward(micro_batches, loss_fn, forward_only=True)
 
 
 def policy_loss_fn(cfg, actor, mini: list[MicroBatch]):
@@ -151,9 +153,13 @@ def _seed(*parts: int) -> int:
 def update(cfg, actor, mini: list[MicroBatch]) -> dict:
     """One optimizer step on a mini-batch."""
     loss_fn = policy_loss_fn(cfg, actor, mini)
-    per_micro = actor.forward_backward(mini, loss_fn)
+    scored = any(mb.old_logp is not None for mb in mini)  # off-policy: replay its experts
+    with actor.moe.updating(scored) if actor.moe else contextlib.nullcontext():
+        per_micro = actor.forward_backward(mini, loss_fn)
     applied, grad_norm = actor.step()
     out = {"grad_norm": grad_norm, "skipped_steps": float(not applied), "lr": actor.lr()}
+    if actor.moe:
+        out.update(actor.moe.metrics(len(mini)))
     for key in per_micro[0] if per_micro else ():
         vals = torch.stack([torch.as_tensor(m[key], dtype=torch.float64) for m in per_micro])
         # Additive metrics are already divided by the global token count: their sum over

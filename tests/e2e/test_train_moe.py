@@ -1,8 +1,8 @@
 """End-to-end ``megatron-erc train`` of a tiny Qwen3-MoE (examples/tiny_moe/config.json with
 the demo tokenizer's vocabulary): megatron MoE layers in the actor, the embedded engine
-loading per-expert weights at each sync, a checkpoint at exit. One rank: the trainer does
-not yet pass ``parallel.ep`` to megatron's parallel state, so ``ep`` > 1 stops at model build
-(``build_model_chunks`` refuses the mismatch)."""
+loading per-expert weights at each sync, routing replay, the moe/* metrics, a checkpoint at
+exit; one rank, and two ranks with expert parallelism (EP=2 over torchrun + gloo), which must
+train the same first step."""
 
 from __future__ import annotations
 
@@ -29,13 +29,30 @@ def moe_init(task_dir, out):
     return out
 
 
-def test_train_tiny_moe(task, tmp_path):  # noqa: F811 (the fixture)
+MOE_KEYS = ("moe/aux_loss", "moe/expert_load_max", "moe/expert_load_min",
+            "moe/replay_misses")
+
+
+def test_train_tiny_moe_ep2_matches_one_rank(task, tmp_path):  # noqa: F811 (the fixture)
     init = moe_init(task, tmp_path / "moe_init")
-    run = tmp_path / "run"
-    train(overrides(task, run, 2, f"model.path={init}"))
-    rows = metrics(run)
+    extra = (f"model.path={init}", "algo.routing_replay=old")
+    one, ep2 = tmp_path / "one", tmp_path / "ep2"
+    train(overrides(task, one, 2, *extra))
+    # megatron's load-balancing loss is a statistic of each rank's micro-batch, so its
+    # gradient depends on the split: compared without it (its value is compared below)
+    flat = (*extra, "parallel.moe_aux_loss_coeff=0")
+    one_flat = tmp_path / "one_flat"
+    train(overrides(task, one_flat, 1, *flat))
+    train(overrides(task, ep2, 1, *flat, "parallel.ep=2"), nproc=2)
+    rows = metrics(one)
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
-        for k in ("loss", "grad_norm", "reward/mean", "kl/approx"):
+        for k in ("loss", "grad_norm", "reward/mean", "kl/approx", *MOE_KEYS):
             assert math.isfinite(r[k]), (k, r)
-    assert (run / "checkpoints" / "step_00000002").is_dir()
+        assert r["moe/replay_misses"] == 0  # every off-policy update found its experts
+        assert r["moe/expert_load_max"] >= 1.0 >= r["moe/expert_load_min"]
+    assert (one / "checkpoints" / "step_00000002").is_dir()
+    # the same global batch at EP=2 (x DP=2): the same first step
+    (got,), (want,) = metrics(ep2), metrics(one_flat)
+    for k in ("reward/mean", "loss", "grad_norm", "moe/expert_load_max", "moe/expert_load_min"):
+        assert math.isclose(got[k], want[k], rel_tol=1e-5, abs_tol=1e-9), (k, got[k], want[k])

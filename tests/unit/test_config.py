@@ -43,6 +43,8 @@ def test_overrides_apply_with_types():
     ("algo.eps_low=1.2", "eps_low"),
     ("nosuchsection.x=1", "nosuchsection"),
     ("run.steps", "section.field=value"),
+    ("algo.routing_replay=rollout", "routing_replay"),
+    ("checkpoint.optimizer_format=zero", "checkpoint.optimizer_format"),
 ])
 def test_invalid_values_name_the_field(override, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
