@@ -1,7 +1,9 @@
-"""Does ERC stabilise off-policy RL? DAPO / GPPO with and without ERC, several seeds, from
-one shared supervised warm start (``docs/ablation.md``).
+"""Does ERC stabilise off-policy RL, and how does it compare with its rivals? Ablation v2:
+DAPO, DAPO+ERC at three bands, GPPO, GPPO+ERC, DAPO+Clip-Cov, DAPO+KL-Cov, CISPO and DPPO, at
+2 and 8 updates per rollout, several seeds, from one shared supervised warm start
+(``docs/ablation.md``).
 
-    python -m megatron_erc.studies.ablation run --out runs/ablation     # prepare, SFT, 4 x 3 RL
+    python -m megatron_erc.studies.ablation run --out runs/ablation  # SFT, 10 x 2 x 5 RL runs
     python -m megatron_erc.studies.ablation report --out runs/ablation  # docs/ablation.md + PNGs
 
 Every RL run is its own process (megatron's parallel state is process-global); finished
@@ -26,6 +28,7 @@ from megatron_erc.studies.ablation_report import write_report
 from megatron_erc.studies.ablation_spec import (
     CONFIG,
     MODULE,
+    REGIMES,
     REPO,
     SFT_CONFIG,
     SFT_OVERRIDES,
@@ -33,10 +36,12 @@ from megatron_erc.studies.ablation_spec import (
     TASK,
     VARIANTS,
     rel,
+    run_dir,
 )
 
-QUICK = {"seeds": [0], "steps": 4, "sft_steps": 40}
-DEFAULTS = {"seeds": [0, 1, 2], "steps": 25, "sft_steps": SFT_STEPS}
+QUICK = {"seeds": [0], "steps": 4, "sft_steps": 40, "variants": ["dapo", "dapo_erc_095"]}
+DEFAULTS = {"seeds": [0, 1, 2, 3, 4], "steps": 25, "sft_steps": SFT_STEPS,
+            "variants": list(VARIANTS)}
 
 
 def git_commit() -> dict:
@@ -52,14 +57,15 @@ def _env(threads: int) -> dict:
                 MKL_NUM_THREADS=str(threads))
 
 
-def rl_overrides(root: pathlib.Path, variant: str, seed: int, steps: int,
+def rl_overrides(root: pathlib.Path, regime: str, variant: str, seed: int, steps: int,
                  extra: list[str]) -> list[str]:
     task = root / "task"
-    return [f"run.dir={root / 'rl' / variant / f'seed{seed}'}", f"run.seed={seed}",
+    return [f"run.dir={run_dir(root, regime, variant, seed)}", f"run.seed={seed}",
             f"run.steps={steps}", f"model.path={root / 'sft' / 'hf'}",
             f"model.tokenizer={task / 'tokenizer.model'}",
             f"data.path={task / 'data' / 'train.jsonl'}",
-            f"validation.path={task / 'data' / 'val.jsonl'}", *VARIANTS[variant], *extra]
+            f"validation.path={task / 'data' / 'val.jsonl'}", *REGIMES[regime],
+            *VARIANTS[variant], *extra]
 
 
 def prepare_task(root: pathlib.Path, seed: int = 0) -> None:
@@ -121,22 +127,25 @@ def warm_start(root: pathlib.Path, sft_steps: int, sft_extra: list[str], threads
 
 def run_ablation(root: pathlib.Path, seeds: list[int], steps: int, sft_steps: int,
                  variants: list[str], extra: list[str], sft_extra: list[str],
-                 jobs: int = 2, command: str | None = None) -> dict:
+                 jobs: int = 2, command: str | None = None,
+                 regimes: list[str] | None = None) -> dict:
     root = root.resolve()
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     threads = max(1, (os.cpu_count() or 2) // jobs)
+    regimes = list(REGIMES) if regimes is None else regimes
     manifest = {"code": git_commit(),
                 "command": command or f"python -m {MODULE} run",
                 "config": rel(CONFIG),
                 "seeds": seeds, "steps": steps, "sft_steps": sft_steps, "variants": variants,
+                "regimes": {r: REGIMES[r] for r in regimes},
                 "extra_overrides": extra, "started": time.strftime("%Y-%m-%d %H:%M:%S UTC",
                                                                     time.gmtime())}
     manifest["sft_command"] = warm_start(root, sft_steps, sft_extra, threads)
     secs = root / "sft" / "seconds.json"
     manifest["sft_seconds"] = json.loads(secs.read_text()) if secs.exists() else None
-    # seed-major order: if the budget runs out, every variant has the same seeds done
-    queue = [(v, s) for s in seeds for v in variants]
+    # seed-major order: if the budget runs out, every variant and regime has the same seeds
+    queue = [(r, v, s) for s in seeds for r in regimes for v in variants]
     running: list[tuple] = []
     runs = manifest["runs"] = {}
 
@@ -152,39 +161,40 @@ def run_ablation(root: pathlib.Path, seeds: list[int], steps: int, sft_steps: in
     save_manifest()
     while queue or running:
         while queue and len(running) < jobs:
-            v, s = queue.pop(0)
-            run_dir = root / "rl" / v / f"seed{s}"
+            r, v, s = queue.pop(0)
+            d, key = run_dir(root, r, v, s), f"{r}/{v}/seed{s}"
             cmd = [sys.executable, "-m", MODULE, "train-one", "--config",
-                   str(CONFIG), *rl_overrides(root, v, s, steps, extra)]
-            runs[f"{v}/seed{s}"] = {"variant": v, "seed": s, "dir": str(run_dir),
-                                    "command": shlex.join(cmd)}
-            if (run_dir / "done.json").exists():
-                runs[f"{v}/seed{s}"].update(json.loads((run_dir / "done.json").read_text()))
+                   str(CONFIG), *rl_overrides(root, r, v, s, steps, extra)]
+            runs[key] = {"regime": r, "variant": v, "seed": s, "dir": str(d),
+                         "command": shlex.join(cmd)}
+            if (d / "done.json").exists():
+                runs[key].update(json.loads((d / "done.json").read_text()))
                 continue
-            if run_dir.exists():  # a killed attempt: start it again from scratch
-                subprocess.run(["rm", "-rf", str(run_dir)], check=True)
-            run_dir.mkdir(parents=True)
-            log = open(run_dir / "train.log", "w")  # noqa: SIM115 - closed when it exits
+            if d.exists():  # a killed attempt: start it again from scratch
+                subprocess.run(["rm", "-rf", str(d)], check=True)
+            d.mkdir(parents=True)
+            log = open(d / "train.log", "w")  # noqa: SIM115 - closed when it exits
             proc = subprocess.Popen(cmd, cwd=REPO, env=_env(threads), stdout=log,
                                     stderr=subprocess.STDOUT)
-            running.append((v, s, proc, log, time.time()))
-            print(f"[ablation] started {v} seed {s}", flush=True)
+            running.append((key, d, proc, log, time.time()))
+            print(f"[ablation] started {key}", flush=True)
         time.sleep(2)
         for item in list(running):
-            v, s, proc, log, start = item
+            key, d, proc, log, start = item
             if proc.poll() is None:
                 continue
             running.remove(item)
             log.close()
-            run_dir = root / "rl" / v / f"seed{s}"
             if proc.returncode != 0:
-                tail = (run_dir / "train.log").read_text()[-3000:]
-                raise RuntimeError(f"{v} seed {s} failed ({proc.returncode}):\n{tail}")
+                for _, _, other, _, _ in running:  # leave no orphan behind
+                    other.terminate()
+                tail = (d / "train.log").read_text()[-3000:]
+                raise RuntimeError(f"{key} failed ({proc.returncode}):\n{tail}")
             done = {"seconds": round(time.time() - start, 1)}
-            (run_dir / "done.json").write_text(json.dumps(done))
-            runs[f"{v}/seed{s}"].update(done)
-            inv["ran"].append(f"{v}/seed{s}")
-            print(f"[ablation] finished {v} seed {s} in {done['seconds']} s", flush=True)
+            (d / "done.json").write_text(json.dumps(done))
+            runs[key].update(done)
+            inv["ran"].append(key)
+            print(f"[ablation] finished {key} in {done['seconds']} s", flush=True)
             save_manifest()
     save_manifest()
     return manifest
@@ -218,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog=f"python -m {MODULE}",
                                 description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="warm start + every variant x seed (resumable)")
+    run = sub.add_parser("run", help="warm start + every regime x variant x seed (resumable)")
     run.add_argument("--out", default="runs/ablation")
     run.add_argument("--quick", action="store_true",
                      help=f"smoke setting: {QUICK} unless given explicitly")
@@ -226,7 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--steps", type=int, help=f"RL steps per run (default {DEFAULTS['steps']})")
     run.add_argument("--sft-steps", type=int,
                      help=f"warm-start SFT steps (default {DEFAULTS['sft_steps']})")
-    run.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    run.add_argument("--variants", nargs="+", choices=list(VARIANTS),
+                     help="default: all (--quick: dapo dapo_erc_095)")
+    run.add_argument("--regimes", nargs="+", choices=list(REGIMES), default=list(REGIMES),
+                     help="updates per rollout: u2, u8 (both by default)")
     run.add_argument("--jobs", type=int, default=2,
                      help="RL runs in parallel (2 on a 2-core machine: one thread each)")
     run.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
@@ -250,9 +263,10 @@ def main(argv: list[str] | None = None) -> int:
         defaults = QUICK if args.quick else DEFAULTS
         m = run_ablation(pathlib.Path(args.out), args.seeds or defaults["seeds"],
                          args.steps or defaults["steps"],
-                         args.sft_steps or defaults["sft_steps"], args.variants, args.set,
-                         args.sft_set, jobs=args.jobs,
-                         command=shlex.join(["python", "-m", MODULE, *argv]))
+                         args.sft_steps or defaults["sft_steps"],
+                         args.variants or defaults["variants"], args.set, args.sft_set,
+                         jobs=args.jobs, command=shlex.join(["python", "-m", MODULE, *argv]),
+                         regimes=args.regimes)
         print(f"[ablation] {len(m['runs'])} runs in {m['total_seconds']} s", flush=True)
         if not args.report:
             return 0
