@@ -36,14 +36,24 @@ def prepare(root: pathlib.Path, seed: int = 0) -> None:
 
     train = generate_problems(4000, seed=seed, difficulty=1)
     val = generate_problems(128, seed=seed + 10_000, difficulty=1)
+    write_task(root, train, val, prompt=lambda p: PROMPT.format(q=p.prompt),
+               target=lambda p: p.sft_target, vocab_size=320, seed=seed)
+
+
+def write_task(root: pathlib.Path, train: list, val: list, *, prompt, target,
+               vocab_size: int, seed: int) -> None:
+    """``root/data/{train,val}.jsonl`` (``prompt(p)``, answer, ``target(p)`` of each problem),
+    a SentencePiece tokenizer of ``vocab_size`` trained on the training prompts with their
+    worked solutions, and ``root/init``: the tiny model (``examples/tiny/config.json``) with
+    that vocabulary, randomly initialised from ``seed``."""
     (root / "data").mkdir(parents=True, exist_ok=True)
     for name, problems in (("train", train), ("val", val)):
         with open(root / "data" / f"{name}.jsonl", "w") as f:
             for p in problems:
-                f.write(json.dumps({"prompt": PROMPT.format(q=p.prompt), "answer": p.answer,
-                                    "target": p.sft_target}) + "\n")
-    tok = train_sentencepiece([PROMPT.format(q=p.prompt) + p.sft_target for p in train[:2000]],
-                              root / "tokenizer.model", vocab_size=320)
+                f.write(json.dumps({"prompt": prompt(p), "answer": p.answer,
+                                    "target": target(p)}) + "\n")
+    tok = train_sentencepiece([prompt(p) + p.sft_target for p in train[:2000]],
+                              root / "tokenizer.model", vocab_size=vocab_size)
     d = json.loads(example_path("tiny/config.json").read_text())
     d.pop("architectures", None), d.pop("torch_dtype", None)
     d.update(vocab_size=tok.vocab_size, eos_token_id=tok.eos_token_id,

@@ -72,35 +72,14 @@ def prepare_task(root: pathlib.Path, seed: int = 0) -> None:
     """The miniature's task files, tokenizer and random-init model under ``root``
     (``ablation_spec.TASK``): the demo's preparation with + and - only, bare ``"3 + 4 = "``
     prompts, answer-only targets and more validation prompts."""
-    import torch  # torch and transformers: only to prepare
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from megatron_erc.cli.assets import example_path
+    from megatron_erc.cli.demo import write_task  # torch and transformers: only to prepare
     from megatron_erc.data.arithmetic import generate_problems
-    from megatron_erc.data.tokenizers import train_sentencepiece
 
     ops, digits = TASK["ops"], TASK["difficulty"]
-
-    def prompt(p):
-        return TASK["prompt"].format(a=p.a, op=p.op, b=p.b)
-
     train = generate_problems(TASK["n_train"], seed=seed, difficulty=digits, ops=ops)
     val = generate_problems(TASK["n_val"], seed=seed + 10_000, difficulty=digits, ops=ops)
-    (root / "data").mkdir(parents=True, exist_ok=True)
-    for name, problems in (("train", train), ("val", val)):
-        with open(root / "data" / f"{name}.jsonl", "w") as f:
-            for p in problems:
-                f.write(json.dumps({"prompt": prompt(p), "answer": p.answer,
-                                    "target": p.short_target}) + "\n")
-    tok = train_sentencepiece([prompt(p) + p.sft_target for p in train[:2000]],
-                              root / "tokenizer.model", vocab_size=TASK["vocab_size"])
-    d = json.loads(example_path("tiny/config.json").read_text())
-    d.pop("architectures", None), d.pop("torch_dtype", None)
-    d.update(vocab_size=tok.vocab_size, eos_token_id=tok.eos_token_id,
-             pad_token_id=tok.pad_token_id, bos_token_id=None)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(d.pop("model_type"), **d))
-    model.save_pretrained(root / "init")
+    write_task(root, train, val, prompt=lambda p: TASK["prompt"].format(a=p.a, op=p.op, b=p.b),
+               target=lambda p: p.short_target, vocab_size=TASK["vocab_size"], seed=seed)
 
 
 def warm_start(root: pathlib.Path, sft_steps: int, sft_extra: list[str], threads: int) -> list:
