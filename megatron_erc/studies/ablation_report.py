@@ -146,7 +146,8 @@ def plot_regime(runs: dict, regime: str, out: pathlib.Path) -> None:
 
 
 def write_report(root: pathlib.Path, docs: pathlib.Path) -> pathlib.Path:
-    """``docs/ablation.md`` and ``docs/ablation/<regime>.png`` from the runs under ``root``."""
+    """``docs/ablation.md``, ``docs/ablation/<regime>.png`` and the per-seed statistics
+    ``docs/ablation/stats.json`` from the runs under ``root``."""
     runs = load_runs(root)
     if not runs:
         raise ValueError(f"no finished runs under {root / 'rl'}")
@@ -158,7 +159,7 @@ def write_report(root: pathlib.Path, docs: pathlib.Path) -> pathlib.Path:
     stats = {r: {v: {s: run_stats(rows) for s, rows in seeds.items()}
                  for v, seeds in per_v.items()} for r, per_v in runs.items()}
     (docs / "ablation.md").write_text(render_markdown(root, manifest, runs, stats))
-    (root / "stats.json").write_text(json.dumps(stats, indent=2))
+    (docs / "ablation" / "stats.json").write_text(json.dumps(stats, indent=2))
     return docs / "ablation.md"
 
 
